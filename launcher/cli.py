@@ -1,0 +1,116 @@
+"""The ``sslscale`` command line: data | train | launch | eval.
+
+Each sub-command parses its flags and hands over to one function; heavy modules (torch,
+DeepSpeed, transformers) are imported only by the sub-command that needs them. Errors the user
+can fix (a bad config key, a missing shard folder, a shard plan that cannot work) print one
+``error:`` line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from sslscale.data.sources import prepare
+
+    manifest = prepare(args.source, args.out, split=args.split, input_dir=args.input,
+                       samples_per_shard=args.samples_per_shard, fmt=args.format, limit=args.limit)
+    print(json.dumps({"out": args.out, "source": manifest.source, "num_shards": len(manifest.shards),
+                      "num_samples": manifest.num_samples}))
+    return 0
+
+
+def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
+    """Check the config and the shard plan for ``world_size`` ranks before starting any."""
+    from launcher.plan import check_enough_shards
+    from sslscale.config import grad_accum_steps, load_config
+    from sslscale.train import load_manifest_for
+
+    cfg = load_config(recipe, overrides)
+    grad_accum_steps(cfg, world_size)
+    manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
+    check_enough_shards(len(manifest.shards), world_size, cfg.data.num_workers, cfg.data.train_shards)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sslscale.train import main
+
+    return main(args.config, args.overrides)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from launcher.local import launch
+
+    _preflight(args.config, args.overrides, args.nproc)
+    return launch(args.nproc, args.config, args.overrides)
+
+
+def _eval_knn(args: argparse.Namespace) -> int:
+    from sslscale.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, step=args.step, train_shards=args.train_shards,
+                          test_shards=args.test_shards, baseline=args.baseline,
+                          max_train_samples=args.max_train_samples,
+                          max_test_samples=args.max_test_samples, k=args.k)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslscale", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare shards").add_subparsers(dest="action", required=True)
+    prep = data.add_parser("prepare", help="write a source as WebDataset shards + manifest.json")
+    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder"])
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--split", default="train", choices=["train", "test"])
+    prep.add_argument("--input", help="folder of images (image-folder)")
+    prep.add_argument("--samples-per-shard", type=int, default=5000)
+    prep.add_argument("--format", default="png", choices=["png", "jpg"])
+    prep.add_argument("--limit", type=int, help="keep only the first N samples")
+    prep.set_defaults(func=_data_prepare)
+
+    for name, func, help_ in [("train", _train, "train in this process (rank from env vars)"),
+                              ("launch", _launch, "train with N local ranks (torchrun)")]:
+        p = sub.add_parser(name, help=help_)
+        if name == "launch":
+            p.add_argument("--nproc", type=int, required=True, help="number of local ranks")
+        p.add_argument("config", help="YAML recipe, e.g. configs/demo/mae_vit_tiny_fmnist.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+        p.set_defaults(func=func)
+
+    ev = sub.add_parser("eval", help="evaluate a run").add_subparsers(dest="action", required=True)
+    knn = ev.add_parser("knn", help="weighted kNN top-1 of the frozen encoder")
+    knn.add_argument("run_dir")
+    knn.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    knn.add_argument("--train-shards", help="labeled shards for the memory bank (default: run's eval.train_shards)")
+    knn.add_argument("--test-shards", help="labeled query shards (default: run's eval.test_shards)")
+    knn.add_argument("--baseline", action="store_true", help="also score the same architecture at random init")
+    knn.add_argument("--max-train-samples", type=int)
+    knn.add_argument("--max-test-samples", type=int)
+    knn.add_argument("--k", type=int)
+    knn.set_defaults(func=_eval_knn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from launcher.plan import PlanError
+    from sslscale.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, PlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Checkpoints: save, find the latest complete one, load, and read weights without an engine.
+
+Layout: ``RUN_DIR/checkpoints/step-XXXXXXXX/`` holds DeepSpeed's files (engine shards, client
+state) and, once every rank has written, ``complete.json`` (the list of files and their sizes,
+written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest complete tag
+and moves only after its marker exists (temp file + rename). Resume ignores tags without a
+marker. Retention, elastic resume and crash-proofing build on this in later changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MARKER = "complete.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+         is_main: bool) -> Path:
+    """Save a checkpoint at ``step`` on every rank (collective: all ranks must call it).
+
+    ``client_state`` (step, samples_seen, config, ...) is stored with the engine state. Returns
+    the tag folder. Prints nothing; the caller logs the time.
+    """
+    root = checkpoints_dir(run_dir)
+    tag = tag_for(step)
+    ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    _barrier()
+    if is_main:
+        folder = root / tag
+        files = {str(p.relative_to(folder)): p.stat().st_size
+                 for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+        marker = {"tag": tag, "step": step, "time": time.time(), "files": files,
+                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+        _write_atomic(folder / MARKER, json.dumps(marker, indent=1))
+        _write_atomic(root / LATEST, tag)
+    _barrier()
+    return root / tag
+
+
+def is_complete(folder: Path) -> bool:
+    """True if ``folder`` has a marker and every file it lists exists with its recorded size."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size
+               for name, size in files.items())
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint folder with the highest step, or None."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return None
+    tags = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    return next((p for p in tags if is_complete(p)), None)
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder that ``resume`` (auto | never | PATH) points at, or None.
+
+    Raises ``FileNotFoundError`` for a PATH that is not a complete checkpoint.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_latest(run_dir)
+    folder = Path(resume)
+    if not is_complete(folder):
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder "
+                                f"(missing {MARKER} or files)")
+    return folder
+
+
+def load(ds_engine, folder: Path) -> dict[str, Any]:
+    """Load engine state (weights, optimizer, schedules) from ``folder``; return client state."""
+    load_path, client_state = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
+    return client_state
+
+
+def load_module_state(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The objective's full ``state_dict`` from a checkpoint folder, without an engine.
+
+    ZeRO-3 shards are consolidated to fp32 (``zero_to_fp32``); otherwise rank 0's module state
+    holds the full weights.
+    """
+    if not is_complete(folder):
+        raise FileNotFoundError(f"{folder}: not a complete checkpoint")
+    if zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]

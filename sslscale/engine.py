@@ -1,0 +1,176 @@
+"""The DeepSpeed engine: the one place that builds the DeepSpeed config and calls
+``deepspeed.initialize``.
+
+Owns the mapping of sslscale's batch sizes to DeepSpeed's (``global_batch_size`` ->
+``train_batch_size``, ``micro_batch_size`` -> ``train_micro_batch_size_per_gpu``,
+``grad_accum_steps`` -> ``gradient_accumulation_steps``), the precision (bf16 on CUDA, fp32 on
+CPU, an error for fp16 on CPU), ZeRO stage 0-3, gradient clipping, AdamW (DeepSpeed FusedAdam on
+CUDA, torch's fused AdamW on CPU) with decay / no-decay parameter groups, and writing the
+scheduled learning rate and weight decay into the optimizer before each step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sslscale.config import ConfigError, grad_accum_steps
+from sslscale.schedules import lr_at, weight_decay_at
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere. ``ConfigError`` for fp16 off CUDA."""
+    if requested == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if requested == "fp16" and device_type != "cuda":
+        raise ConfigError(f"key 'train.precision' = 'fp16' is not supported on {device_type} "
+                          "(DeepSpeed has no fp16 there); use fp32 or bf16")
+    return requested
+
+
+def build_ds_config(cfg, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run; ``cfg.deepspeed.extra`` is merged in last."""
+    ds = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": int(cfg.deepspeed.zero_stage)},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # torch's fused AdamW on CPU under ZeRO
+        "steps_per_print": 2**31 - 1,  # sslscale.metrics does the logging
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.zero_stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    for key, value in dict(cfg.deepspeed.extra).items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two AdamW groups: weights (decayed) and biases / norms / tokens (1-D, not decayed).
+
+    Each group carries ``wd_scale`` (1.0 or 0.0), read by ``apply_schedules``.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's FusedAdam on CUDA, torch's fused AdamW elsewhere."""
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                  weight_decay=cfg.optim.weight_decay)
+    groups = param_groups(model)
+    if device_type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg) -> dict[str, float]:
+    """Write the lr and weight decay for optimizer step ``step`` into every param group."""
+    lr = lr_at(step, lr=cfg.optim.lr, max_steps=cfg.train.max_steps,
+               warmup_steps=cfg.optim.warmup_steps, min_lr=cfg.optim.min_lr)
+    wd = weight_decay_at(step, weight_decay=cfg.optim.weight_decay, max_steps=cfg.train.max_steps,
+                         weight_decay_end=cfg.optim.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+    return {"lr": lr, "weight_decay": wd}
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine with what the trainer needs beside it.
+
+    ``ds``: the ``DeepSpeedEngine`` (forward / backward / step / save / load); ``optimizer``: the
+    torch optimizer it wraps (its param groups take the schedules); ``module``: the objective.
+    """
+
+    ds: Any
+    optimizer: torch.optim.Optimizer
+    precision: str
+    ds_config: dict[str, Any]
+    hf_ds_config: Any = None  # kept alive for ZeRO-3: transformers consults it while building
+    _own_grad_norm: float | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.ds.gradient_accumulation_steps()
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Backward one micro-batch and let DeepSpeed accumulate / step at the boundary."""
+        self.ds.backward(loss)
+        if (self.ds.is_gradient_accumulation_boundary() and self.precision == "fp32"
+                and self.ds.zero_optimization_stage() == 0):
+            # DeepSpeed keeps no norm for plain fp32 data parallelism: take it before the step
+            # (gradients are already all-reduced here, so every rank gets the global norm).
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            self._own_grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+        self.ds.step()
+
+    def grad_norm(self) -> float:
+        """Global gradient norm (before clipping) of the last optimizer step; NaN if unknown."""
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            norm = self._own_grad_norm
+        return float("nan") if norm is None else float(norm)
+
+
+def init_distributed() -> None:
+    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+    (gloo on CPU, nccl on CUDA); ``launcher.env`` sets them for a single process."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   verbose=False)
+
+
+def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> Engine:
+    """Build the objective with ``build_model()`` and wrap it in a DeepSpeed engine.
+
+    Raises ``ConfigError`` for batch sizes that do not divide or fp16 on CPU.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    device_type = accel.device_name()
+    if device_type == "cuda":
+        accel.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    precision = resolve_precision(cfg.train.precision, device_type)
+    ds_config = build_ds_config(cfg, world_size, precision)
+    hf_ds_config = None
+    if cfg.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # partitions the model as it is built
+    model = build_model()
+    optimizer = build_optimizer(model, cfg, device_type)
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                       dist_init_required=False)
+    return Engine(ds=ds, optimizer=optimizer, precision=precision, ds_config=ds_config,
+                  hf_ds_config=hf_ds_config)

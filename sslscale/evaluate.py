@@ -1,0 +1,153 @@
+"""Evaluation of frozen encoders: weighted kNN classification on labeled shards.
+
+The kNN protocol follows Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination" (InstDisc, CVPR 2018) as used by DINO (Caron et al. 2021,
+``eval_knn.py``): L2-normalized features, cosine similarity, the ``k`` nearest training
+features vote for their class with weight ``exp(similarity / temperature)``; top-1 accuracy.
+Feature extraction runs on every rank (each takes every W-th sample, all ranks doing the same
+number of forwards so ZeRO-3 never waits) and the features are gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sslscale.data.shards import Manifest
+from sslscale.data.stream import eval_batches
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
+                test_features: torch.Tensor, *, num_classes: int, k: int = 20,
+                temperature: float = 0.07, chunk_size: int = 1024) -> torch.Tensor:
+    """Predicted class ``(M,)`` for ``test_features`` ``(M, D)`` from ``train_features``
+    ``(N, D)`` with labels ``(N,)`` in ``[0, num_classes)``. ``ValueError`` on empty inputs."""
+    if len(train_features) == 0 or len(test_features) == 0:
+        raise ValueError("kNN needs at least one train and one test feature")
+    k = min(k, len(train_features))
+    bank = F.normalize(train_features.float(), dim=1)
+    preds = []
+    for start in range(0, len(test_features), chunk_size):
+        queries = F.normalize(test_features[start:start + chunk_size].float(), dim=1)
+        sims, idx = (queries @ bank.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(queries), num_classes).scatter_add_(1, train_labels[idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_top1(train_features, train_labels, test_features, test_labels, *, k: int = 20,
+             temperature: float = 0.07) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``knn_predict`` against ``test_labels``."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    preds = knn_predict(train_features, train_labels, test_features, num_classes=num_classes,
+                        k=k, temperature=temperature)
+    return (preds == test_labels).float().mean().item()
+
+
+def _gather(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Concatenate per-rank rows back into manifest order (rank r holds rows r, r+W, ...)."""
+    if world_size == 1:
+        return local
+    parts: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(parts, local.cpu())
+    total = sum(len(p) for p in parts)
+    out = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        out[r::world_size] = part
+    return out
+
+
+@torch.no_grad()
+def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, world_size: int = 1,
+                     batch_size: int = 256, image_size: int, num_channels: int,
+                     limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``objective.features`` of the (first ``limit``) samples of ``manifest``: ``(N, D)`` float
+    features and ``(N,)`` labels, on CPU, on every rank. ``ValueError`` if samples are unlabeled."""
+    total = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
+    per_rank_max = math.ceil(total / world_size)
+    steps = math.ceil(per_rank_max / batch_size)
+    was_training = objective.training
+    objective.eval()
+    feats, labels = [], []
+    batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
+                           image_size=image_size, num_channels=num_channels, limit=total)
+    dummy = torch.zeros(1, num_channels, image_size, image_size, dtype=torch.uint8)
+    for _ in range(steps):
+        batch = next(batches, None)
+        if batch is None:  # this rank ran out: forward a dummy so collective ZeRO-3 ops match
+            objective.features({"pixel_values": dummy.to(device)})
+            continue
+        dummy = batch["pixel_values"][:1]
+        feats.append(objective.features({"pixel_values": batch["pixel_values"].to(device)}).cpu())
+        labels.append(batch["labels"])
+    objective.train(was_training)
+    f = torch.cat(feats) if feats else torch.empty(0, 0)
+    y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    f, y = _gather(f, rank, world_size), _gather(y, rank, world_size)
+    if (y < 0).any():
+        raise ValueError(f"{manifest.root}: some samples have no 'cls' label; kNN needs labeled shards")
+    return f, y
+
+
+def knn_eval(objective, train_manifest: Manifest, test_manifest: Manifest, *, device, rank: int = 0,
+             world_size: int = 1, image_size: int, num_channels: int, k: int = 20,
+             temperature: float = 0.07, batch_size: int = 256, max_train_samples: int | None = None,
+             max_test_samples: int | None = None) -> dict[str, float]:
+    """kNN top-1 of ``objective.features`` (collective when ``world_size > 1``).
+
+    Returns ``{"knn_top1": ..., "num_train": N, "num_test": M, "k": k}``.
+    """
+    common = dict(device=device, rank=rank, world_size=world_size, batch_size=batch_size,
+                  image_size=image_size, num_channels=num_channels)
+    ftr, ytr = extract_features(objective, train_manifest, limit=max_train_samples, **common)
+    fte, yte = extract_features(objective, test_manifest, limit=max_test_samples, **common)
+    top1 = knn_top1(ftr, ytr, fte, yte, k=k, temperature=temperature)
+    return {"knn_top1": top1, "num_train": len(ftr), "num_test": len(fte), "k": k}
+
+
+def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | None = None,
+                 test_shards: str | None = None, baseline: bool = False,
+                 max_train_samples: int | None = None, max_test_samples: int | None = None,
+                 k: int | None = None) -> dict[str, Any]:
+    """kNN top-1 of a run's encoder at ``step`` (default: latest complete checkpoint), in one
+    process on CPU or the first GPU. Shards and sample limits default to the run's ``eval``
+    config. With ``baseline``, also scores the same architecture at its random init (seeded
+    like the run) as ``random_init_knn_top1``. Raises ``FileNotFoundError`` for a run dir
+    without config or checkpoint, ``ConfigError`` for missing eval shards.
+    """
+    from pathlib import Path
+
+    from sslscale import checkpoint
+    from sslscale.config import load_config
+    from sslscale.objectives import build_objective
+    from sslscale.train import load_manifest_for, seed_everything
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sslscale run directory)")
+    cfg = load_config(config_path)
+    folder = (checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(step) if step is not None
+              else checkpoint.find_latest(run_dir))
+    if folder is None or not checkpoint.is_complete(folder):
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint"
+                                + (f" for step {step}" if step is not None else ""))
+    bank = load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards)
+    queries = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    common = dict(device=device, image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
+                  k=k or cfg.eval.k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                  max_train_samples=max_train_samples or cfg.eval.max_train_samples,
+                  max_test_samples=max_test_samples or cfg.eval.max_test_samples)
+    seed_everything(cfg.train.seed)
+    objective = build_objective(cfg)
+    result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
+    if baseline:
+        result["random_init_knn_top1"] = knn_eval(objective.to(device), bank, queries, **common)["knn_top1"]
+    objective.load_state_dict(checkpoint.load_module_state(folder, cfg.deepspeed.zero_stage))
+    result.update(knn_eval(objective.to(device), bank, queries, **common))
+    result.update(train_shards=bank.root, test_shards=queries.root)
+    return result

@@ -1,0 +1,106 @@
+"""Per-process training entry: config -> build -> ``Trainer.fit()`` -> close.
+
+Run by ``sslscale train`` (one process, no env vars needed), by ``sslscale launch`` through
+torchrun, or by Slurm's srun; ``python -m sslscale.train CONFIG [key=value ...]`` works too.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from launcher.env import export_env, read_env
+from sslscale.config import ConfigError, load_config, save_config, to_dict
+from sslscale.data.shards import load_manifest
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_manifest_for(key: str, path: str | None):
+    """``load_manifest`` whose error names the config ``key`` that pointed at ``path``."""
+    if not path:
+        raise ConfigError(f"key '{key}' is not set (a folder written by `sslscale data prepare`)")
+    try:
+        return load_manifest(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"key '{key}' = {path}: {e}") from None
+
+
+def make_evaluator(cfg, engine, env):
+    """A collective ``() -> {"knn_top1": ...}`` on the configured labeled shards, or None."""
+    if not (cfg.eval.train_shards and cfg.eval.test_shards):
+        return None
+    from sslscale.evaluate import knn_eval
+
+    bank = load_manifest_for("eval.train_shards", cfg.eval.train_shards)
+    queries = load_manifest_for("eval.test_shards", cfg.eval.test_shards)
+
+    def evaluate() -> dict:
+        return knn_eval(engine.module, bank, queries, device=engine.device, rank=env.rank,
+                        world_size=env.world_size, image_size=cfg.model.image_size,
+                        num_channels=cfg.model.num_channels, k=cfg.eval.k,
+                        temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                        max_train_samples=cfg.eval.max_train_samples,
+                        max_test_samples=cfg.eval.max_test_samples)
+    return evaluate
+
+
+def main(recipe: str, overrides: Sequence[str] = ()) -> int:
+    """Train per ``recipe`` + ``overrides``; returns the process exit code."""
+    from sslscale.data.stream import TrainStream, train_loader
+    from sslscale.engine import build_engine, init_distributed
+    from sslscale.metrics import MetricsLogger
+    from sslscale.objectives import build_objective
+    from sslscale.trainer import Trainer
+
+    env = read_env()
+    export_env(env)
+    cfg = load_config(recipe, overrides)
+    manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
+
+    def make_batches(start_epoch: int):
+        stream = TrainStream(manifest, rank=env.rank, world_size=env.world_size,
+                             num_workers=cfg.data.num_workers, batch_size=cfg.train.micro_batch_size,
+                             image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
+                             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                             start_epoch=start_epoch, where=cfg.data.train_shards)
+        return train_loader(stream)
+
+    make_batches(0)  # fail on a bad shard plan before joining the process group
+    init_distributed()
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    engine = build_engine(cfg, env.world_size, lambda: build_objective(cfg))
+    seed_everything(cfg.train.seed + 1000 * env.rank)  # distinct augmentation / masks per rank
+    run_dir = Path(cfg.run_dir)
+    config_dict = to_dict(cfg)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsLogger(run_dir, enabled=env.is_main, max_steps=cfg.train.max_steps,
+                            start_step=0, config=config_dict, wandb_cfg=cfg.wandb, run_name=cfg.name)
+    try:
+        trainer = Trainer(cfg, engine, make_batches=make_batches,
+                          samples_per_epoch=manifest.num_samples, metrics=metrics,
+                          is_main=env.is_main, config_dict=config_dict,
+                          evaluate=make_evaluator(cfg, engine, env))
+        state = trainer.fit()
+        metrics.info(f"done: step {state.step}, {state.samples_seen} samples; run dir {run_dir}")
+    finally:
+        metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m sslscale.train CONFIG [key=value ...]")
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,141 @@
+"""The training loop, one for every objective: batch -> objective -> backward / step -> log ->
+maybe evaluate -> maybe save.
+
+``step`` counts optimizer steps; each takes ``grad_accum_steps`` micro-batches per rank (DeepSpeed
+accumulates and steps at the boundary). Rank handling lives in the metrics logger and the
+checkpoint module, not here: every rank runs the same code and the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from sslscale import checkpoint
+from sslscale.engine import Engine, apply_schedules
+from sslscale.metrics import MetricsLogger
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0  # global count
+
+
+class Trainer:
+    """Runs ``cfg.train.max_steps`` optimizer steps of ``engine`` on ``batches``.
+
+    ``make_batches(start_epoch)`` returns the endless micro-batch iterator (called once, after a
+    resume has set the state). ``evaluate()`` (optional, collective) returns metrics such as
+    ``{"knn_top1": ...}``, logged under ``eval/``.
+    """
+
+    def __init__(self, cfg, engine: Engine, *, make_batches: Callable[[int], Iterator[dict]],
+                 samples_per_epoch: int, metrics: MetricsLogger, is_main: bool,
+                 config_dict: dict[str, Any], evaluate: Callable[[], dict] | None = None):
+        self.cfg, self.engine, self.metrics = cfg, engine, metrics
+        self.make_batches, self.samples_per_epoch = make_batches, samples_per_epoch
+        self.is_main, self.config_dict, self.evaluate_fn = is_main, config_dict, evaluate
+        self.run_dir = Path(cfg.run_dir)
+        self.state = TrainState()
+        self._last_saved = -1
+        self._window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count
+        self._window_start = (time.perf_counter(), 0)
+
+    # ----------------------------------------------------------------------------- resume / save
+    def resume(self) -> bool:
+        """Load the checkpoint ``cfg.resume`` points at, if any; True if one was loaded."""
+        folder = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        if folder is None:
+            return False
+        client = checkpoint.load(self.engine.ds, folder)
+        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
+        self._last_saved = self.state.step
+        self.metrics.info(f"resumed from {folder} at step {self.state.step}")
+        return True
+
+    def save(self) -> None:
+        start = time.perf_counter()
+        client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
+                  "config": self.config_dict}
+        folder = checkpoint.save(self.engine.ds, self.run_dir, self.state.step, client, self.is_main)
+        self._last_saved = self.state.step
+        self.metrics.info(f"saved {folder} in {time.perf_counter() - start:.2f} s")
+
+    # -------------------------------------------------------------------------------------- loop
+    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns step hyper-params."""
+        hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)
+        ds, device = self.engine.ds, self.engine.device
+        for _ in range(self.engine.grad_accum_steps):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            out = ds(batch)
+            self.engine.backward_step(out.loss)
+            self._window += torch.tensor([out.loss.detach().float().item(), 1.0], dtype=torch.float64)
+        self.state.step += 1
+        self.state.samples_seen += self.cfg.train.global_batch_size
+        return hparams
+
+    def _log_train(self, hparams: dict[str, float]) -> None:
+        window = self._window.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(window)
+        now, start_step = time.perf_counter(), self._window_start[1]
+        steps = self.state.step - start_step
+        metrics = {
+            "train/loss": (window[0] / window[1]).item(),
+            "train/lr": hparams["lr"],
+            "train/weight_decay": hparams["weight_decay"],
+            "train/grad_norm": self.engine.grad_norm(),
+            "perf/samples_per_sec": steps * self.cfg.train.global_batch_size / (now - self._window_start[0]),
+            "train/epoch": self.state.samples_seen / self.samples_per_epoch,
+            "samples_seen": self.state.samples_seen,
+        }
+        self.metrics.log(self.state.step, metrics)
+        self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
+        self._window.zero_()
+        self._window_start = (time.perf_counter(), self.state.step)
+
+    def run_eval(self) -> dict[str, float]:
+        if self.evaluate_fn is None:
+            return {}
+        start = time.perf_counter()
+        result = self.evaluate_fn()
+        self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in result.items()})
+        if self.is_main:
+            out = self.run_dir / "eval" / f"knn-{checkpoint.tag_for(self.state.step)}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"step": self.state.step, **result}) + "\n")
+        self.metrics.info(f"eval at step {self.state.step} took {time.perf_counter() - start:.1f} s")
+        self._window_start = (time.perf_counter(), self.state.step)  # keep eval out of throughput
+        return result
+
+    def fit(self) -> TrainState:
+        """Train to ``max_steps`` (resuming first per ``cfg.resume``), evaluating and saving on
+        schedule and at the end. Returns the final state."""
+        cfg = self.cfg
+        self.resume()
+        self.engine.module.train()
+        batches = iter(self.make_batches(self.state.samples_seen // self.samples_per_epoch))
+        self._window_start = (time.perf_counter(), self.state.step)
+        hparams: dict[str, float] = {}
+        while self.state.step < cfg.train.max_steps:
+            hparams = self.train_step(batches)
+            step = self.state.step
+            last = step == cfg.train.max_steps
+            if step % cfg.train.log_every == 0 or last:
+                self._log_train(hparams)
+            self.metrics.advance(step)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not last:
+                self.save()
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
+                self.run_eval()
+        if self._last_saved != self.state.step:
+            self.save()
+        self.run_eval()
+        return self.state

