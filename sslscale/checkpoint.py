@@ -123,5 +123,5 @@ def load_module_state(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return states["module"]

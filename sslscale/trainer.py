@@ -44,7 +44,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.state = TrainState()
         self._last_saved = -1
-        self._window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count
+        self._window = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, micro-batches
         self._window_start = (time.perf_counter(), 0)
 
     # ----------------------------------------------------------------------------- resume / save
@@ -76,7 +76,8 @@ class Trainer:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             out = ds(batch)
             self.engine.backward_step(out.loss)
-            self._window += torch.tensor([out.loss.detach().float().item(), 1.0], dtype=torch.float64)
+            self._window[0] += out.loss.detach().double()  # stays on the device: no sync per step
+            self._window[1] += 1
         self.state.step += 1
         self.state.samples_seen += self.cfg.train.global_batch_size
         return hparams
@@ -123,7 +124,6 @@ class Trainer:
         self.engine.module.train()
         batches = iter(self.make_batches(self.state.samples_seen // self.samples_per_epoch))
         self._window_start = (time.perf_counter(), self.state.step)
-        hparams: dict[str, float] = {}
         while self.state.step < cfg.train.max_steps:
             hparams = self.train_step(batches)
             step = self.state.step
