@@ -1,0 +1,1 @@
+"""Data: shard writing and manifests (shards.py), raw sources (sources.py), readers (stream.py)."""

@@ -1,0 +1,181 @@
+"""WebDataset tar shards and their ``manifest.json``.
+
+Owns writing samples into numbered tar shards (``shard-000000.tar`` ...) and the manifest that
+describes them: shard file names, sample count per shard, total, sha256 per shard, the source,
+its license, and free-form ``meta`` (image size, channels, classes). Readers and the shard plan
+trust the manifest's counts, so it is written last, atomically, after every shard is closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import webdataset as wds
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name relative to the manifest, an absolute path, or a URL / pipe: command
+    num_samples: int
+    sha256: str | None = None
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    source: str
+    license: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    root: str = ""  # folder of the manifest file; not serialized
+    created: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def url(self, index: int) -> str:
+        """Where shard ``index`` is read from: a local path, ``http(s)://...`` or ``pipe:...``."""
+        name = self.shards[index].name
+        if "://" in name or name.startswith("pipe:") or os.path.isabs(name):
+            return name
+        return os.path.join(self.root, name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "webdataset", "version": 1, "source": self.source,
+                "license": self.license, "created": self.created,
+                "num_shards": len(self.shards), "num_samples": self.num_samples,
+                "meta": self.meta, "shards": [asdict(s) for s in self.shards]}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read ``manifest.json`` (or the one inside folder ``path``).
+
+    Raises ``FileNotFoundError`` naming the path if there is none, ``ValueError`` naming the
+    file and key if it is malformed.
+    """
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() or not path.suffix else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no shard manifest at {file} (prepare shards with `sslscale data prepare ... --out "
+            f"{file.parent}`)")
+    try:
+        raw = json.loads(file.read_text())
+        shards = [ShardInfo(**s) for s in raw["shards"]]
+        manifest = Manifest(shards=shards, source=raw["source"], license=raw["license"],
+                            meta=raw.get("meta", {}), root=str(file.parent),
+                            created=raw.get("created", ""))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{file}: malformed shard manifest ({type(e).__name__}: {e})") from None
+    if "num_samples" in raw and raw["num_samples"] != manifest.num_samples:
+        raise ValueError(f"{file}: 'num_samples' is {raw['num_samples']} but the shards sum to "
+                         f"{manifest.num_samples}")
+    if not shards:
+        raise ValueError(f"{file}: lists no shards")
+    return manifest
+
+
+def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir/manifest.json`` atomically (temp file + rename)."""
+    out = Path(out_dir) / MANIFEST
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+class ShardWriter:
+    """Write WebDataset samples into ``out_dir/shard-%06d.tar``, ``samples_per_shard`` each.
+
+    ``write({"__key__": "000001", "png": b"...", "cls": 3})`` adds a sample; ``close(source,
+    license, meta)`` closes the last shard, hashes every shard and writes the manifest. Use as a
+    context manager only for clean-up on error (the manifest is written by ``close``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 10_000):
+        if samples_per_shard <= 0:
+            raise ValueError("samples_per_shard must be > 0")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[ShardInfo] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+
+    def _open_next(self) -> None:
+        self._finish_shard()
+        name = f"shard-{len(self.shards):06d}.tar"
+        self.shards.append(ShardInfo(name=name, num_samples=0))
+        self._tar = wds.TarWriter(str(self.out_dir / name))
+        self._count = 0
+
+    def _finish_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            last = self.shards[-1]
+            last.num_samples = self._count
+            last.sha256 = sha256_file(self.out_dir / last.name)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if "__key__" not in sample:
+            raise ValueError("a sample needs a '__key__'")
+        if self._tar is None or self._count >= self.samples_per_shard:
+            self._open_next()
+        self._tar.write(sample)
+        self._count += 1
+
+    def write_all(self, samples: Iterable[dict[str, Any]]) -> int:
+        n = 0
+        for n, sample in enumerate(samples, 1):
+            self.write(sample)
+        return n
+
+    def close(self, source: str, license: str, meta: dict[str, Any] | None = None) -> Manifest:
+        self._finish_shard()
+        if not self.shards:
+            raise ValueError(f"no samples were written to {self.out_dir}")
+        manifest = Manifest(shards=self.shards, source=source, license=license,
+                            meta=meta or {}, root=str(self.out_dir),
+                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_manifest(manifest, self.out_dir)
+        return manifest
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tar is not None:
+            self._tar.close()
+
+
+def encode_image(array, fmt: str) -> bytes:
+    """uint8 ``(H, W)`` or ``(H, W, 3)`` array -> PNG (lossless) or JPEG (quality 95) bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    if fmt == "png":
+        image.save(buf, format="PNG", optimize=False, compress_level=6)
+    elif fmt in ("jpg", "jpeg"):
+        image.save(buf, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"unknown image format '{fmt}'; use png or jpg")
+    return buf.getvalue()
