@@ -19,6 +19,7 @@ export OMP_NUM_THREADS ?= $(shell nproc)
 
 DEMO_CONFIG := configs/demo/mae_vit_tiny_fmnist.yaml
 DEMO_DATA := data/demo
+DEMO_RUN := runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: install demo demo-data test clean
@@ -47,10 +48,10 @@ $(DEMO_DATA)/.ready: | $(VENV)/.installed
 demo-data: $(DEMO_DATA)/.ready
 
 demo: $(DEMO_DATA)/.ready
-	rm -rf runs/mae_vit_tiny_fmnist
-	$(SSLSCALE) train $(DEMO_CONFIG) $(DEMO_ARGS)
-	$(SSLSCALE) eval knn runs/mae_vit_tiny_fmnist --baseline --max-test-samples 10000 | tee runs/mae_vit_tiny_fmnist/eval/knn_vs_random_init.json
-	@$(PY) -c "import json; r = json.load(open('runs/mae_vit_tiny_fmnist/eval/knn_vs_random_init.json')); \
+	rm -rf $(DEMO_RUN)
+	$(SSLSCALE) train $(DEMO_CONFIG) run_dir=$(DEMO_RUN) $(DEMO_ARGS)
+	$(SSLSCALE) eval knn $(DEMO_RUN) --baseline | tee $(DEMO_RUN)/eval/knn_vs_random_init.json
+	@$(PY) -c "import json; r = json.load(open('$(DEMO_RUN)/eval/knn_vs_random_init.json')); \
 	print(f\"kNN top-1 (k={r['k']}, {r['num_test']} test images): trained {r['knn_top1']:.4f} vs random init {r['random_init_knn_top1']:.4f}\")"
 
 test: $(VENV)/.installed

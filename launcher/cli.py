@@ -27,6 +27,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
     """Check the config and the shard plan for ``world_size`` ranks before starting any."""
     from launcher.plan import check_enough_shards
+    from sslscale import checkpoint
     from sslscale.config import grad_accum_steps, load_config
     from sslscale.train import load_manifest_for
 
@@ -34,6 +35,9 @@ def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
     grad_accum_steps(cfg, world_size)
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
     check_enough_shards(len(manifest.shards), world_size, cfg.data.num_workers, cfg.data.train_shards)
+    folder = checkpoint.resolve_resume(cfg.resume, cfg.run_dir)
+    if folder is not None:
+        checkpoint.check_compatible(folder, world_size, cfg.deepspeed.zero_stage)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -59,7 +59,8 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
         files = {str(p.relative_to(folder)): p.stat().st_size
                  for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
         marker = {"tag": tag, "step": step, "time": time.time(), "files": files,
-                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                  "zero_stage": ds_engine.zero_optimization_stage()}
         _write_atomic(folder / MARKER, json.dumps(marker, indent=1))
         _write_atomic(root / LATEST, tag)
     _barrier()
@@ -102,6 +103,21 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
         raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder "
                                 f"(missing {MARKER} or files)")
     return folder
+
+
+def check_compatible(folder: Path, world_size: int, zero_stage: int) -> None:
+    """``ConfigError`` if ``folder`` was written with another world size or ZeRO stage, which
+    DeepSpeed cannot load yet (elastic resume through universal checkpoints comes later)."""
+    from sslscale.config import ConfigError
+
+    marker = json.loads((folder / MARKER).read_text())
+    saved = (marker.get("world_size", world_size), marker.get("zero_stage", zero_stage))
+    if saved != (world_size, zero_stage):
+        raise ConfigError(
+            f"key 'resume': checkpoint {folder} was written by {saved[0]} rank(s) with ZeRO-"
+            f"{saved[1]}, this run has {world_size} rank(s) with ZeRO-{zero_stage}; resuming "
+            "across world sizes or ZeRO stages is not supported yet: use resume=never or "
+            "another run_dir")
 
 
 def load(ds_engine, folder: Path) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Trainer:
         folder = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
         if folder is None:
             return False
+        checkpoint.check_compatible(folder, torch.distributed.get_world_size(), self.cfg.deepspeed.zero_stage)
         client = checkpoint.load(self.engine.ds, folder)
         self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
         self._last_saved = self.state.step

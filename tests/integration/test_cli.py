@@ -56,6 +56,11 @@ def test_train_kill_resume_and_eval(real_shards, tmp_path):
     assert result["step"] == saved + 4 and result["num_test"] == 64
     assert 0.0 <= result["knn_top1"] <= 1.0 and 0.0 <= result["random_init_knn_top1"] <= 1.0
 
+    # Resuming this 1-rank ZeRO-0 run on 2 ranks is refused up front, with the reason.
+    other = run("launch", "--nproc", "2", *args[1:])
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "written by 1 rank(s) with ZeRO-0, this run has 2 rank(s)" in other.stderr
+
 
 def test_unknown_key_is_named():
     proc = run("train", str(DEMO_RECIPE), "optim.lrr=1")
