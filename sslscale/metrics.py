@@ -57,10 +57,10 @@ class MetricsLogger:
         mode = os.environ.get("WANDB_MODE") or wandb_cfg.mode
         if mode == "disabled":
             return None
-        wandb_dir = self.run_dir / "wandb"
-        wandb_dir.mkdir(exist_ok=True)
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-            os.environ.setdefault(var, str(wandb_dir))
+        state_dir = self.run_dir / "wandb" / ".state"  # wandb writes RUN_DIR/wandb/<run>
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+            os.environ.setdefault(var, str(state_dir))
         import wandb
 
         id_file = self.run_dir / "wandb_id"

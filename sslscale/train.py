@@ -86,6 +86,9 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
         save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsLogger(run_dir, enabled=env.is_main, max_steps=cfg.train.max_steps,
                             start_step=0, config=config_dict, wandb_cfg=cfg.wandb, run_name=cfg.name)
+    metrics.info(f"engine: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {engine.precision}, "
+                 f"{engine.device}, world size {env.world_size}, "
+                 f"grad accumulation {engine.grad_accum_steps}, {type(engine.optimizer).__name__}")
     try:
         trainer = Trainer(cfg, engine, make_batches=make_batches,
                           samples_per_epoch=manifest.num_samples, metrics=metrics,

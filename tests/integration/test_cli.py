@@ -42,6 +42,7 @@ def test_train_kill_resume_and_eval(real_shards, tmp_path):
     # Run 2: resume=auto (the default) continues from the saved step, not step 0.
     done = run(*args, "train.max_steps=" + str(saved + 4))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "engine: DeepSpeed ZeRO-0, fp32, cpu, world size 1, grad accumulation 2, AdamW" in done.stderr
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{saved:08d}'} at step {saved}" in done.stderr
     steps = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
     resumed = steps[steps.index(saved + 1):] if saved + 1 in steps else []
