@@ -1,4 +1,4 @@
-"""The ``sslscale`` command line: data | train | launch | eval.
+"""The ``sslscale`` command line: data (prepare | plan) | train | launch | eval.
 
 Each sub-command parses its flags and hands over to one function; heavy modules (torch,
 DeepSpeed, transformers) are imported only by the sub-command that needs them. Errors the user
@@ -24,9 +24,21 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_plan(args: argparse.Namespace) -> int:
+    from launcher.plan import describe
+    from sslscale.data.shards import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    plan = describe([s.num_samples for s in manifest.shards], num_streams=args.num_streams,
+                    world_size=args.world_size, num_workers=args.workers,
+                    micro_batch_size=args.micro_batch_size, seed=args.seed, epochs=args.epochs)
+    print(json.dumps(plan, indent=1))
+    return 0
+
+
 def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
     """Check the config and the shard plan for ``world_size`` ranks before starting any."""
-    from launcher.plan import check_enough_shards
+    from launcher.plan import check_streams
     from sslscale import checkpoint
     from sslscale.config import grad_accum_steps, load_config
     from sslscale.train import load_manifest_for
@@ -34,7 +46,8 @@ def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
     cfg = load_config(recipe, overrides)
     grad_accum_steps(cfg, world_size)
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
-    check_enough_shards(len(manifest.shards), world_size, cfg.data.num_workers, cfg.data.train_shards)
+    check_streams(len(manifest.shards), cfg.data.num_streams, world_size, cfg.data.num_workers,
+                  cfg.data.train_shards)
     folder = checkpoint.resolve_resume(cfg.resume, cfg.run_dir)
     if folder is not None:
         checkpoint.check_compatible(folder, world_size, cfg.deepspeed.zero_stage)
@@ -78,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--format", default="png", choices=["png", "jpg"])
     prep.add_argument("--limit", type=int, help="keep only the first N samples")
     prep.set_defaults(func=_data_prepare)
+    plan = data.add_parser("plan", help="print the stream plan for a world size and worker count")
+    plan.add_argument("manifest", help="manifest.json or the folder holding it")
+    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--workers", type=int, default=2, help="data-loader workers per rank")
+    plan.add_argument("--num-streams", type=int, default=8)
+    plan.add_argument("--micro-batch-size", type=int, default=64)
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--epochs", type=int, default=2)
+    plan.set_defaults(func=_data_plan)
 
     for name, func, help_ in [("train", _train, "train in this process (rank from env vars)"),
                               ("launch", _launch, "train with N local ranks (torchrun)")]:

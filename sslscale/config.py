@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 class DataConfig:
     train_shards: str = ""  # folder holding manifest.json (or the manifest itself)
     num_workers: int = 2  # data-loader processes per rank
-    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    num_streams: int = 8  # virtual streams; a multiple of ranks x workers, <= shards; fixed per run
+    shuffle_buffer: int = 2000  # samples per shuffled block within a shard
+    strict: bool = False  # fail on unreadable data instead of skipping and counting it
     # per-channel normalization in [0, 1] pixel units (default: ImageNet's)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -183,6 +185,8 @@ def validate(cfg: DictConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: key '{key}' must be > 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"{source}: key 'data.num_workers' must be >= 0")
+    if cfg.data.num_streams < 1:
+        raise ConfigError(f"{source}: key 'data.num_streams' must be >= 1")
     if not 0.0 <= cfg.objective.mask_ratio < 1.0:
         raise ConfigError(f"{source}: key 'objective.mask_ratio' must be in [0, 1)")
     if cfg.model.image_size % cfg.model.patch_size:

@@ -67,15 +67,16 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     cfg = load_config(recipe, overrides)
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
 
-    def make_batches(start_epoch: int):
+    def make_batches(positions: list[int] | None = None, phase: int = 0):
         stream = TrainStream(manifest, rank=env.rank, world_size=env.world_size,
                              num_workers=cfg.data.num_workers, batch_size=cfg.train.micro_batch_size,
                              image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                             start_epoch=start_epoch, where=cfg.data.train_shards)
+                             num_streams=cfg.data.num_streams, positions=positions, phase=phase,
+                             strict=cfg.data.strict, where=cfg.data.train_shards)
         return train_loader(stream)
 
-    make_batches(0)  # fail on a bad shard plan before joining the process group
+    make_batches()  # fail on a bad shard plan before joining the process group
     init_distributed()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     engine = build_engine(cfg, env.world_size, lambda: build_objective(cfg))

@@ -30,12 +30,13 @@ class TrainState:
 class Trainer:
     """Runs ``cfg.train.max_steps`` optimizer steps of ``engine`` on ``batches``.
 
-    ``make_batches(start_epoch)`` returns the endless micro-batch iterator (called once, after a
-    resume has set the state). ``evaluate()`` (optional, collective) returns metrics such as
+    ``make_batches(positions, phase)`` returns the endless micro-batch iterator from the given
+    stream positions (called once, after a resume has set the state); batches carry the
+    positions of the streams they consumed, which the trainer keeps and checkpoints. ``evaluate()`` (optional, collective) returns metrics such as
     ``{"knn_top1": ...}``, logged under ``eval/``.
     """
 
-    def __init__(self, cfg, engine: Engine, *, make_batches: Callable[[int], Iterator[dict]],
+    def __init__(self, cfg, engine: Engine, *, make_batches: Callable[..., Iterator[dict]],
                  samples_per_epoch: int, metrics: MetricsLogger, is_main: bool,
                  config_dict: dict[str, Any], evaluate: Callable[[], dict] | None = None):
         self.cfg, self.engine, self.metrics = cfg, engine, metrics
@@ -43,6 +44,9 @@ class Trainer:
         self.is_main, self.config_dict, self.evaluate_fn = is_main, config_dict, evaluate
         self.run_dir = Path(cfg.run_dir)
         self.state = TrainState()
+        self.positions = [0] * cfg.data.num_streams  # samples consumed per stream (own streams exact)
+        self._skipped_before = [0, 0]  # skipped samples, shards: totals of earlier runs
+        self._skipped: dict[int, list[int]] = {}  # data-loader worker -> its counters, this run
         self._last_saved = -1
         self._window = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, micro-batches
         self._window_start = (time.perf_counter(), 0)
@@ -56,6 +60,9 @@ class Trainer:
         checkpoint.check_compatible(folder, torch.distributed.get_world_size(), self.cfg.deepspeed.zero_stage)
         client = checkpoint.load(self.engine.ds, folder)
         self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
+        data = client.get("data", {})
+        self.positions = list(data.get("positions", self.positions))
+        self._skipped_before = list(data.get("skipped", self._skipped_before))
         self._last_saved = self.state.step
         self.metrics.info(f"resumed from {folder} at step {self.state.step}")
         return True
@@ -63,10 +70,31 @@ class Trainer:
     def save(self) -> None:
         start = time.perf_counter()
         client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
-                  "config": self.config_dict}
+                  "config": self.config_dict, "data": self.data_state()}
         folder = checkpoint.save(self.engine.ds, self.run_dir, self.state.step, client, self.is_main)
         self._last_saved = self.state.step
         self.metrics.info(f"saved {folder} in {time.perf_counter() - start:.2f} s")
+
+    def data_state(self) -> dict[str, Any]:
+        """Stream positions of all ranks (collective): each rank knows its own streams exactly
+        and positions only grow, so the element-wise max over ranks is the global state."""
+        positions, skipped = torch.tensor(self.positions, dtype=torch.long), self.skipped()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(positions, op=torch.distributed.ReduceOp.MAX)
+        return {"num_streams": len(self.positions), "positions": positions.tolist(), "skipped": skipped}
+
+    def skipped(self) -> list[int]:
+        """Skipped samples and shards of all ranks, all runs (collective)."""
+        mine = torch.tensor([sum(c[i] for c in self._skipped.values()) for i in (0, 1)], dtype=torch.long)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mine)
+        return [a + b for a, b in zip(self._skipped_before, mine.tolist())]
+
+    def _take_data_state(self, batch: dict[str, torch.Tensor]) -> None:
+        for stream, k in batch.pop("stream_positions").tolist():
+            self.positions[stream] = k
+        worker, samples, shards = batch.pop("data_skipped").tolist()
+        self._skipped[worker] = [samples, shards]
 
     # -------------------------------------------------------------------------------------- loop
     def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
@@ -74,7 +102,9 @@ class Trainer:
         hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)
         ds, device = self.engine.ds, self.engine.device
         for _ in range(self.engine.grad_accum_steps):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            self._take_data_state(batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = ds(batch)
             self.engine.backward_step(out.loss)
             self._window[0] += out.loss.detach().double()  # stays on the device: no sync per step
@@ -98,6 +128,7 @@ class Trainer:
             "train/epoch": self.state.samples_seen / self.samples_per_epoch,
             "samples_seen": self.state.samples_seen,
         }
+        metrics["data/skipped_samples"], metrics["data/skipped_shards"] = self.skipped()
         self.metrics.log(self.state.step, metrics)
         self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
         self._window.zero_()
@@ -123,7 +154,9 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         self.engine.module.train()
-        batches = iter(self.make_batches(self.state.samples_seen // self.samples_per_epoch))
+        # Same world size: the loader's first worker continues where the next one in turn was.
+        phase = self.state.step * self.engine.grad_accum_steps
+        batches = iter(self.make_batches(self.positions, phase))
         self._window_start = (time.perf_counter(), self.state.step)
         while self.state.step < cfg.train.max_steps:
             hparams = self.train_step(batches)

@@ -22,7 +22,7 @@ TINY = [
     "model.intermediate_size=64", "model.patch_size=7", "model.decoder_hidden_size=32",
     "model.decoder_num_hidden_layers=1", "model.decoder_num_attention_heads=2",
     "model.decoder_intermediate_size=64", "train.global_batch_size=16",
-    "train.micro_batch_size=8", "train.log_every=1", "data.num_workers=1",
+    "train.micro_batch_size=8", "train.log_every=1", "data.num_workers=1", "data.num_streams=4",
     "data.shuffle_buffer=64", "optim.warmup_steps=2", "eval.max_train_samples=128",
     "eval.max_test_samples=64", "eval.batch_size=64",
 ]

@@ -12,12 +12,14 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 MANIFEST = "manifest.json"
 
@@ -27,6 +29,7 @@ class ShardInfo:
     name: str  # file name relative to the manifest, an absolute path, or a URL / pipe: command
     num_samples: int
     sha256: str | None = None
+    offsets: list[int] | None = None  # byte offset of each sample's first member (local tars)
 
 
 @dataclass
@@ -62,6 +65,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sample_offsets(path: str | os.PathLike) -> list[int]:
+    """Byte offset of the first tar member of each sample (members grouped by key, as
+    WebDataset groups them), so that a reader can seek to any sample."""
+    offsets, last_key = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _ = base_plus_ext(member.name)
+            if key != last_key:
+                offsets.append(member.offset)
+                last_key = key
+    return offsets
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -133,6 +149,7 @@ class ShardWriter:
             last = self.shards[-1]
             last.num_samples = self._count
             last.sha256 = sha256_file(self.out_dir / last.name)
+            last.offsets = sample_offsets(self.out_dir / last.name)
 
     def write(self, sample: dict[str, Any]) -> None:
         if "__key__" not in sample:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import random
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset import tariterators
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from launcher.plan import check_enough_shards, shards_for
+from launcher.plan import PlanError, check_streams, locate, stream_shards, streams_for
 from sslscale.data.shards import Manifest
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -61,43 +64,160 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long)}
 
 
-def _raw_samples(urls: list[str], shuffle_buffer: int = 0,
-                 rng: random.Random | None = None) -> Iterator[dict[str, Any]]:
-    stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
-    if shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng))
-    return iter(wds.DataPipeline(*stages))
+def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+
+
+class DataStats:
+    """Skipped-data counters of one reader (cumulative), and one warning per shard."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.skipped_samples = 0
+        self.skipped_shards = 0
+        self._warned: set[str] = set()
+
+    def skip(self, what: str, url: str, error: Exception, samples: int, shard: bool = False) -> None:
+        if self.strict:
+            raise RuntimeError(f"data.strict=true: {what} in {url}: {error}") from error
+        self.skipped_samples += samples
+        self.skipped_shards += int(shard)
+        if url not in self._warned:
+            self._warned.add(url)
+            warnings.warn(f"skipping {what} in {url}: {type(error).__name__}: {error} "
+                          "(counted in data/skipped_samples; data.strict=true fails instead)")
+
+
+def _open_at(manifest: Manifest, shard: int, sample: int) -> Iterator[dict[str, Any]]:
+    """Raw samples of ``shard`` from index ``sample`` on: a seek for local tars with offsets,
+    a read-and-discard of the raw bytes otherwise (http(s)://, pipe:)."""
+    url, info = manifest.url(shard), manifest.shards[shard]
+    if info.offsets is not None and "://" not in url and not url.startswith("pipe:"):
+        stream = open(url, "rb")
+        stream.seek(info.offsets[sample] if sample < len(info.offsets) else os.path.getsize(url))
+        skip = 0
+    else:
+        stream, skip = wds.gopen(url), sample
+    try:
+        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+        yield from itertools.islice(samples, skip, None)
+    finally:
+        stream.close()
+
+
+class StreamReader:
+    """One virtual stream, read from position ``k`` (samples yielded so far) forever.
+
+    Shards are read in blocks of ``block`` consecutive samples, each block permuted by a seed of
+    (seed, epoch, stream, shard, block): the order is a pure function of the position, so
+    replaying from ``k`` reproduces the sequence. Yields ``(raw_sample or None, k_after)``;
+    ``None`` marks a slot whose sample could not be read (counted in ``stats``).
+    """
+
+    def __init__(self, manifest: Manifest, stream: int, *, num_streams: int, seed: int,
+                 block: int, k: int, stats: DataStats):
+        self.manifest, self.stream, self.num_streams = manifest, stream, num_streams
+        self.seed, self.block, self.k, self.stats = seed, max(block, 1), k, stats
+        self.counts = [s.num_samples for s in manifest.shards]
+
+    def _shard_slots(self, epoch: int, shard: int, start: int) -> Iterator[dict[str, Any] | None]:
+        n, url = self.counts[shard], self.manifest.url(shard)
+        first = start - start % self.block
+        raw, broken = _open_at(self.manifest, shard, first), False
+        for b0 in range(first, n, self.block):
+            size, got = min(self.block, n - b0), []
+            error: Exception | None = None
+            try:
+                while not broken and len(got) < size:
+                    got.append(next(raw))
+            except StopIteration:
+                error = EOFError(f"fewer samples than the manifest's {n}")
+            except Exception as e:  # truncated / corrupt tar, missing file, HTTP error
+                error = e
+            if len(got) < size and not broken:
+                broken = True  # nothing more comes from this shard; the other blocks are lost too
+                lost = n - b0 - len(got)
+                self.stats.skip(f"{lost} sample(s) after #{b0 + len(got)}", url, error, lost, shard=True)
+            order = list(range(size))
+            random.Random(f"sslscale-block:{self.seed}:{epoch}:{self.stream}:{shard}:{b0}").shuffle(order)
+            for i in order[start - b0 if b0 == first else 0:]:
+                yield got[i] if i < len(got) else None
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any] | None, int]]:
+        epoch, j, offset = locate(self.counts, self.num_streams, self.seed, self.stream, self.k)
+        empty_run = 0
+        while True:
+            shards = stream_shards(len(self.counts), self.num_streams, self.seed, epoch, self.stream)
+            for shard in shards[j:]:
+                for sample in self._shard_slots(epoch, shard, offset):
+                    self.k += 1
+                    empty_run = 0 if sample is not None else empty_run + 1
+                    if empty_run > sum(self.counts):
+                        raise RuntimeError(f"stream {self.stream}: no readable sample in a whole "
+                                           f"pass over {self.manifest.root}")
+                    yield sample, self.k
+                offset = 0
+            epoch, j = epoch + 1, 0
 
 
 class TrainStream(IterableDataset):
-    """Endless micro-batches ``{"pixel_values": uint8 (B, C, S, S), "labels": (B,)}`` for one rank.
+    """Endless micro-batches for one rank: ``{"pixel_values": uint8 (B, C, S, S), "labels": (B,),
+    "stream_positions": (n, 2) int64 rows of (stream, samples yielded), "data_skipped": (3,)
+    int64 (worker, skipped samples, skipped shards)}``.
 
-    Raises ``PlanError`` at construction when there are fewer shards than ranks x workers.
+    Each data-loader worker reads its virtual streams (``launcher.plan.streams_for``) from
+    ``positions`` and interleaves them, always taking the stream that is least advanced.
+    Raises ``PlanError`` at construction when the streams cannot be dealt evenly.
     """
 
     def __init__(self, manifest: Manifest, *, rank: int, world_size: int, num_workers: int,
                  batch_size: int, image_size: int, num_channels: int, seed: int,
-                 shuffle_buffer: int, start_epoch: int = 0, where: str = ""):
-        check_enough_shards(len(manifest.shards), world_size, num_workers, where or manifest.root)
+                 shuffle_buffer: int, num_streams: int, positions: list[int] | None = None,
+                 phase: int = 0, strict: bool = False, where: str = ""):
+        check_streams(len(manifest.shards), num_streams, world_size, num_workers, where or manifest.root)
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.num_workers, self.batch_size = num_workers, batch_size
         self.image_size, self.num_channels = image_size, num_channels
-        self.seed, self.shuffle_buffer, self.start_epoch = seed, shuffle_buffer, start_epoch
+        self.seed, self.shuffle_buffer, self.num_streams = seed, shuffle_buffer, num_streams
+        self.positions = list(positions) if positions is not None else [0] * num_streams
+        if len(self.positions) != num_streams:
+            raise PlanError(f"{len(self.positions)} saved stream positions but data.num_streams="
+                            f"{num_streams}; resume with the num_streams the run started with")
+        self.phase, self.strict = phase, strict
 
-    def _epoch_samples(self, worker: int, epoch: int) -> Iterator[dict[str, Any]]:
-        ids = shards_for(len(self.manifest.shards), world_size=self.world_size, rank=self.rank,
-                         num_workers=self.num_workers, worker=worker, seed=self.seed, epoch=epoch)
-        rng = random.Random(f"sslscale-buffer:{self.seed}:{epoch}:{self.rank}:{worker}")
-        for sample in _raw_samples([self.manifest.url(i) for i in ids], self.shuffle_buffer, rng):
-            yield to_example(sample, self.image_size, self.num_channels)
+    def _examples(self, worker: int, stats: DataStats) -> Iterator[tuple[dict[str, Any], int, int]]:
+        streams = streams_for(self.num_streams, self.world_size, self.num_workers, self.rank,
+                              worker, self.phase)
+        readers = {s: iter(StreamReader(self.manifest, s, num_streams=self.num_streams, seed=self.seed,
+                                        block=self.shuffle_buffer, k=self.positions[s], stats=stats))
+                   for s in streams}
+        k = {s: self.positions[s] for s in streams}
+        while True:
+            s = min(streams, key=lambda t: (k[t], t))
+            sample, k[s] = next(readers[s])
+            if sample is None:
+                continue
+            try:
+                yield to_example(sample, self.image_size, self.num_channels), s, k[s]
+            except Exception as e:  # undecodable image, missing image member
+                stats.skip(f"sample {sample.get('__key__')}", sample.get("__url__", "?"), e, 1)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        samples = itertools.chain.from_iterable(
-            self._epoch_samples(worker, epoch) for epoch in itertools.count(self.start_epoch))
+        stats = DataStats(self.strict)
+        examples = self._examples(worker, stats)
+        positions = {s: self.positions[s] for s in streams_for(
+            self.num_streams, self.world_size, self.num_workers, self.rank, worker, self.phase)}
         while True:
-            yield collate(list(itertools.islice(samples, self.batch_size)))
+            batch = []
+            for example, s, k in itertools.islice(examples, self.batch_size):
+                batch.append(example)
+                positions[s] = k
+            out = collate(batch)
+            out["stream_positions"] = torch.tensor(sorted(positions.items()), dtype=torch.long)
+            out["data_skipped"] = torch.tensor([worker, stats.skipped_samples, stats.skipped_shards])
+            yield out
 
 
 def train_loader(stream: TrainStream) -> DataLoader:

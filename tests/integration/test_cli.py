@@ -78,5 +78,5 @@ def test_missing_shard_directory_is_named(tmp_path):
 
 def test_too_few_shards_for_launch_is_refused_before_start(real_shards):
     proc = run("launch", "--nproc", "4", str(DEMO_RECIPE), f"data.train_shards={real_shards['test']}",
-               "data.num_workers=2", "train.global_batch_size=256", "train.micro_batch_size=64")
-    assert proc.returncode == 2 and "cannot feed 4 rank(s) x 2 worker(s)" in proc.stderr
+               "data.num_workers=2", "data.num_streams=2", "train.global_batch_size=256", "train.micro_batch_size=64")
+    assert proc.returncode == 2 and "cannot be dealt evenly to 4 rank(s) x 2 worker(s)" in proc.stderr

@@ -63,29 +63,20 @@ def test_png_round_trip_is_lossless_on_real_fashion_mnist(tmp_path):
 def test_train_stream_batches_and_epochs(image_folder, tmp_path):
     manifest = prepare("image-folder", tmp_path / "out", input_dir=str(image_folder), samples_per_shard=2)
     stream = TrainStream(manifest, rank=0, world_size=1, num_workers=0, batch_size=4, image_size=16,
-                         num_channels=3, seed=0, shuffle_buffer=8)
+                         num_channels=3, seed=0, shuffle_buffer=8, num_streams=5)
     it = iter(train_loader(stream))
-    batches = [next(it) for _ in range(5)]  # 20 samples = two epochs of 10
+    batches = [next(it) for _ in range(5)]  # 20 samples = two epochs of 10 (5 equal shards)
     assert all(b["pixel_values"].shape == (4, 3, 16, 16) for b in batches)
     labels = np.concatenate([b["labels"].numpy() for b in batches])
     assert sorted(labels[:10]) == [0] * 3 + [1] * 7 and sorted(labels[10:]) == [0] * 3 + [1] * 7
+    assert batches[-1]["stream_positions"].tolist() == [[s, 4] for s in range(5)]
 
 
-def test_train_stream_splits_shards_across_ranks(image_folder, tmp_path):
+def test_streams_that_cannot_be_dealt_are_an_error_not_a_hang(image_folder, tmp_path):
     manifest = prepare("image-folder", tmp_path / "out", input_dir=str(image_folder), samples_per_shard=5)
-    seen = []
-    for rank in range(2):
-        stream = TrainStream(manifest, rank=rank, world_size=2, num_workers=0, batch_size=5,
-                             image_size=8, num_channels=1, seed=3, shuffle_buffer=1)
-        seen.append(next(iter(stream))["labels"].tolist())
-    assert sorted(seen[0] + seen[1]) == [0] * 3 + [1] * 7
-
-
-def test_too_few_shards_is_an_error_not_a_hang(image_folder, tmp_path):
-    manifest = prepare("image-folder", tmp_path / "out", input_dir=str(image_folder), samples_per_shard=5)
-    with pytest.raises(PlanError, match=r"2 shard\(s\) cannot feed 2 rank\(s\) x 2 worker\(s\)"):
+    with pytest.raises(PlanError, match=r"data.num_streams=2 cannot be dealt evenly to 2 rank\(s\) x 2"):
         TrainStream(manifest, rank=0, world_size=2, num_workers=2, batch_size=2, image_size=8,
-                    num_channels=1, seed=0, shuffle_buffer=1)
+                    num_channels=1, seed=0, shuffle_buffer=1, num_streams=2)
 
 
 def test_missing_manifest_names_the_path(tmp_path):
