@@ -6,6 +6,7 @@ import math
 import subprocess
 
 import pytest
+import torch
 
 from ..conftest import DEMO_RECIPE, ROOT, sslscale_cmd, tiny_overrides
 
@@ -29,3 +30,8 @@ def test_two_ranks_zero2(real_shards, tmp_path):
     # ZeRO-2 shards the optimizer state: one file per rank.
     assert sum("optim_states" in name for name in marker["files"]) == 2
     assert "eval/knn_top1" in rows[-1]
+    # The data positions of both ranks' streams are in the checkpoint: 4 steps x 16 samples.
+    state = torch.load(run_dir / "checkpoints" / "step-00000004" / "mp_rank_00_model_states.pt",
+                       weights_only=True)
+    assert state["data"]["num_streams"] == 4 and sum(state["data"]["positions"]) == 64
+    assert all(p > 0 for p in state["data"]["positions"])  # streams of rank 1 too
