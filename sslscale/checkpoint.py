@@ -1,7 +1,7 @@
 """Checkpoints: save, find the latest complete one, load, and read weights without an engine.
 
 Layout: ``RUN_DIR/checkpoints/step-XXXXXXXX/`` holds DeepSpeed's files (engine shards, client
-state) and, once every rank has written, ``complete.json`` (the list of files and their sizes,
+state with the data positions), ``rank-XXXXX.pt`` per rank (its random states) and, once every rank has written, ``complete.json`` (the list of files and their sizes,
 written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest complete tag
 and moves only after its marker exists (temp file + rename). Resume ignores tags without a
 marker. Retention, elastic resume and crash-proofing build on this in later changes.
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 MARKER = "complete.json"
@@ -43,16 +45,44 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random states (python, numpy, torch CPU and CUDA) as plain types and
+    tensors, loadable with ``torch.load(weights_only=True)``."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.pt"
+
+
 def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
          is_main: bool) -> Path:
     """Save a checkpoint at ``step`` on every rank (collective: all ranks must call it).
 
-    ``client_state`` (step, samples_seen, config, ...) is stored with the engine state. Returns
-    the tag folder. Prints nothing; the caller logs the time.
+    ``client_state`` (step, samples_seen, config, data positions ...) is stored with the engine
+    state; every rank also writes its RNG states to ``rank-XXXXX.pt``. Returns the tag folder.
     """
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({"rng": rng_state()}, rank_file(root / tag, rank))
     _barrier()
     if is_main:
         folder = root / tag
@@ -121,10 +151,13 @@ def check_compatible(folder: Path, world_size: int, zero_stage: int) -> None:
 
 
 def load(ds_engine, folder: Path) -> dict[str, Any]:
-    """Load engine state (weights, optimizer, schedules) from ``folder``; return client state."""
+    """Load engine state (weights, optimizer) and this rank's RNG states from ``folder``;
+    return the client state."""
     load_path, client_state = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    set_rng_state(torch.load(rank_file(folder, rank), weights_only=True)["rng"])
     return client_state
 
 

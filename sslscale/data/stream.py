@@ -265,9 +265,12 @@ class TrainStream(IterableDataset):
 
 def train_loader(stream: TrainStream) -> DataLoader:
     """A ``DataLoader`` over ``stream``'s workers (batches are made inside the workers)."""
+    # Its own generator: creating the iterator must not draw from the global RNG, whose state
+    # a checkpoint restores exactly (augmentation and masks draw from it).
     return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
                       persistent_workers=stream.num_workers > 0,
-                      prefetch_factor=4 if stream.num_workers > 0 else None)
+                      prefetch_factor=4 if stream.num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(stream.seed))
 
 
 def eval_batches(manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
