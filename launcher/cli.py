@@ -1,4 +1,4 @@
-"""The ``sslscale`` command line: data (prepare | plan) | train | launch | eval.
+"""The ``sslscale`` command line: data (prepare | plan) | train | launch | eval | ckpt.
 
 Each sub-command parses its flags and hands over to one function; heavy modules (torch,
 DeepSpeed, transformers) are imported only by the sub-command that needs them. Errors the user
@@ -77,6 +77,23 @@ def _eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_info(args: argparse.Namespace) -> int:
+    from sslscale.checkpoint import describe
+
+    rows = describe(args.run_dir)
+    if not rows:
+        raise FileNotFoundError(f"{args.run_dir}: no checkpoints")
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'tag':<15} {'step':>9} {'complete':>8} {'MB':>9} {'world':>5} {'ZeRO':>4}")
+    for r in rows:
+        print(f"{r['tag']:<15} {r['step']:>9} {'yes' if r['complete'] else 'NO':>8} "
+              f"{r['bytes'] / 2**20:>9.1f} {r['world_size'] or '-':>5} "
+              f"{'-' if r['zero_stage'] is None else r['zero_stage']:>4}{'  <- latest' if r['latest'] else ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--max-test-samples", type=int)
     knn.add_argument("--k", type=int)
     knn.set_defaults(func=_eval_knn)
+    ck = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="action", required=True)
+    info = ck.add_parser("info", help="list a run's checkpoints: step, size, world size, completeness")
+    info.add_argument("run_dir")
+    info.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    info.set_defaults(func=_ckpt_info)
     return parser
 
 

@@ -4,7 +4,8 @@ Layout: ``RUN_DIR/checkpoints/step-XXXXXXXX/`` holds DeepSpeed's files (engine s
 state with the data positions), ``rank-XXXXX.pt`` per rank (its random states) and, once every rank has written, ``complete.json`` (the list of files and their sizes,
 written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest complete tag
 and moves only after its marker exists (temp file + rename). Resume ignores tags without a
-marker. Retention, elastic resume and crash-proofing build on this in later changes.
+marker (a kill mid-save leaves ``latest`` on the previous one). ``retain`` deletes old ones by
+``checkpoint.keep_last`` / ``keep_every``, never the newest complete one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import torch
 
 MARKER = "complete.json"
 LATEST = "latest"
+FAULT_ENV = "SSLSCALE_FAULT_INJECT"  # test-only: "kill-before-marker:STEP"
 
 
 def tag_for(step: int) -> str:
@@ -83,6 +87,8 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
     ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"rng": rng_state()}, rank_file(root / tag, rank))
+    if os.environ.get(FAULT_ENV) == f"kill-before-marker:{step}":  # tests: a kill mid-save
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if is_main:
         folder = root / tag
@@ -95,6 +101,52 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
         _write_atomic(root / LATEST, tag)
     _barrier()
     return root / tag
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def step_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``step-*`` folders of ``run_dir`` (complete or not), newest first."""
+    root = checkpoints_dir(run_dir)
+    folders = root.glob("step-*") if root.is_dir() else []
+    return sorted((p for p in folders if p.is_dir()), key=step_of, reverse=True)
+
+
+def retain(run_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Delete checkpoints beyond the newest ``keep_last`` complete ones (0 keeps all), except
+    steps that are multiples of ``keep_every``; also leftovers of interrupted saves older than
+    the newest complete one. Never touches the newest complete checkpoint. Returns what it
+    deleted. Call on one process, after a save."""
+    tags = step_folders(run_dir)
+    complete = [p for p in tags if is_complete(p)]
+    if not complete:
+        return []
+    keep = set(complete[:keep_last] if keep_last else complete)
+    keep |= {p for p in complete if keep_every and step_of(p) % keep_every == 0}
+    newest = step_of(complete[0])
+    doomed = [p for p in tags if p not in keep and (p in complete or step_of(p) < newest)]
+    for folder in doomed:
+        (folder / MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
+        shutil.rmtree(folder)
+    return doomed
+
+
+def describe(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One dict per checkpoint folder of ``run_dir`` (newest first): tag, step, complete, bytes,
+    world size, ZeRO stage, and whether ``latest`` names it."""
+    root = checkpoints_dir(run_dir)
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    rows = []
+    for folder in step_folders(run_dir):
+        complete = is_complete(folder)
+        marker = json.loads((folder / MARKER).read_text()) if complete else {}
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        rows.append({"tag": folder.name, "step": step_of(folder), "complete": complete, "bytes": size,
+                     "world_size": marker.get("world_size"), "zero_stage": marker.get("zero_stage"),
+                     "latest": folder.name == latest})
+    return rows
 
 
 def is_complete(folder: Path) -> bool:
@@ -112,11 +164,7 @@ def is_complete(folder: Path) -> bool:
 
 def find_latest(run_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint folder with the highest step, or None."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return None
-    tags = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    return next((p for p in tags if is_complete(p)), None)
+    return next((p for p in step_folders(run_dir) if is_complete(p)), None)
 
 
 def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:

@@ -89,6 +89,8 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 500  # 0 = only at the end
+    keep_last: int = 3  # newest complete checkpoints kept; 0 = keep all
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
 
 
 @dataclass
@@ -186,6 +188,8 @@ def validate(cfg: DictConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: key '{key}' must be > 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"{source}: key 'data.num_workers' must be >= 0")
+    if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
+        raise ConfigError(f"{source}: keys 'checkpoint.keep_last'/'checkpoint.keep_every' must be >= 0")
     if cfg.data.num_streams < 1:
         raise ConfigError(f"{source}: key 'data.num_streams' must be >= 1")
     if not 0.0 <= cfg.objective.mask_ratio < 1.0:

@@ -60,7 +60,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     from sslscale.engine import build_engine, init_distributed
     from sslscale.metrics import MetricsLogger
     from sslscale.objectives import build_objective
-    from sslscale.trainer import Trainer
+    from sslscale.trainer import PREEMPTED_EXIT_CODE, Trainer
 
     env = read_env()
     export_env(env)
@@ -96,12 +96,13 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
                           is_main=env.is_main, config_dict=config_dict,
                           evaluate=make_evaluator(cfg, engine, env))
         state = trainer.fit()
-        metrics.info(f"done: step {state.step}, {state.samples_seen} samples; run dir {run_dir}")
+        metrics.info(f"{'stopped' if state.preempted else 'done'}: step {state.step}, "
+                     f"{state.samples_seen} samples; run dir {run_dir}")
     finally:
         metrics.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return PREEMPTED_EXIT_CODE if state.preempted else 0
 
 
 if __name__ == "__main__":

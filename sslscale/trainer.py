@@ -9,6 +9,7 @@ checkpoint module, not here: every rank runs the same code and the same number o
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,17 @@ from sslscale.engine import Engine, apply_schedules
 from sslscale.metrics import MetricsLogger
 
 
+# Exit code of a run stopped by SIGTERM / SIGUSR1 after saving (EX_TEMPFAIL: "try again"):
+# the Slurm job script requeues on it; a finished run exits 0.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0  # global count
+    preempted: bool = False  # stopped early by a signal, after saving
 
 
 class Trainer:
@@ -74,6 +82,10 @@ class Trainer:
         folder = checkpoint.save(self.engine.ds, self.run_dir, self.state.step, client, self.is_main)
         self._last_saved = self.state.step
         self.metrics.info(f"saved {folder} in {time.perf_counter() - start:.2f} s")
+        if self.is_main:
+            for old in checkpoint.retain(self.run_dir, self.cfg.checkpoint.keep_last,
+                                         self.cfg.checkpoint.keep_every):
+                self.metrics.info(f"deleted {old} (checkpoint.keep_last={self.cfg.checkpoint.keep_last})")
 
     def data_state(self) -> dict[str, Any]:
         """Stream positions of all ranks (collective): each rank knows its own streams exactly
@@ -148,10 +160,24 @@ class Trainer:
         self._window_start = (time.perf_counter(), self.state.step)  # keep eval out of throughput
         return result
 
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signal = signum
+
+    def _stop_requested(self) -> bool:
+        """True on every rank if any rank got a stop signal (a collective, at a step boundary)."""
+        flag = torch.tensor([0.0 if self._signal is None else 1.0], device=self.engine.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def fit(self) -> TrainState:
         """Train to ``max_steps`` (resuming first per ``cfg.resume``), evaluating and saving on
-        schedule and at the end. Returns the final state."""
+        schedule and at the end. SIGTERM or SIGUSR1 on any rank: all ranks save at the next step
+        boundary and return with ``state.preempted`` (exit with ``PREEMPTED_EXIT_CODE``)."""
         cfg = self.cfg
+        self._signal = None
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
         self.resume()
         self.engine.module.train()
         # Same world size: the loader's first worker continues where the next one in turn was.
@@ -169,6 +195,13 @@ class Trainer:
                 self.save()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
                 self.run_eval()
+            if not last and self._stop_requested():
+                self.metrics.info(f"stop signal: saving at step {step} and exiting with "
+                                  f"code {PREEMPTED_EXIT_CODE}")
+                if self._last_saved != step:
+                    self.save()
+                self.state.preempted = True
+                return self.state
         if self._last_saved != self.state.step:
             self.save()
         self.run_eval()

@@ -80,3 +80,24 @@ def test_too_few_shards_for_launch_is_refused_before_start(real_shards):
     proc = run("launch", "--nproc", "4", str(DEMO_RECIPE), f"data.train_shards={real_shards['test']}",
                "data.num_workers=2", "data.num_streams=2", "train.global_batch_size=256", "train.micro_batch_size=64")
     assert proc.returncode == 2 and "cannot be dealt evenly to 4 rank(s) x 2 worker(s)" in proc.stderr
+
+
+def test_kill_during_save_keeps_the_last_good_checkpoint(real_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", str(DEMO_RECIPE), *tiny_overrides(real_shards, run_dir, "train.max_steps=6",
+                                                        "checkpoint.every_steps=2", "eval.train_shards=null")]
+    env = {**os.environ, "SSLSCALE_FAULT_INJECT": "kill-before-marker:4"}
+    killed = subprocess.run(sslscale_cmd(*args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000002"
+    info = run("ckpt", "info", str(run_dir))
+    assert info.returncode == 0
+    lines = info.stdout.splitlines()
+    assert lines[1].split()[:3] == ["step-00000004", "4", "NO"]
+    assert lines[2].split()[:3] == ["step-00000002", "2", "yes"] and lines[2].endswith("<- latest")
+
+    resumed = run(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stderr
+    rows = json.loads(run("ckpt", "info", str(run_dir), "--json").stdout)
+    assert [(r["step"], r["complete"]) for r in rows] == [(6, True), (4, True), (2, True)]
