@@ -1,11 +1,13 @@
-"""Checkpoints: save, find the latest complete one, load, and read weights without an engine.
+"""Checkpoints: save, find the latest complete one, load, retain, and read weights without an
+engine.
 
 Layout: ``RUN_DIR/checkpoints/step-XXXXXXXX/`` holds DeepSpeed's files (engine shards, client
-state with the data positions), ``rank-XXXXX.pt`` per rank (its random states) and, once every rank has written, ``complete.json`` (the list of files and their sizes,
-written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest complete tag
-and moves only after its marker exists (temp file + rename). Resume ignores tags without a
-marker (a kill mid-save leaves ``latest`` on the previous one). ``retain`` deletes old ones by
-``checkpoint.keep_last`` / ``keep_every``, never the newest complete one.
+state with the data positions), ``rank-XXXXX.pt`` per rank (its random states), ``encoder/``
+(Hugging Face format) and, once every rank has written, ``complete.json`` (the list of files and
+their sizes, written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest
+complete tag and moves only after its marker exists (temp file + rename). Resume ignores tags
+without a marker (a kill mid-save leaves ``latest`` on the previous one). ``retain`` deletes old
+ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 
 MARKER = "complete.json"
 LATEST = "latest"
-FAULT_ENV = "SSLSCALE_FAULT_INJECT"  # test-only: "kill-before-marker:STEP"
+# Test-only fault injection: "kill-before-marker:STEP" (here), "nan-loss:A-B" (trainer: the
+# A-th to B-th micro-batch of the process get a NaN loss on rank 0).
+FAULT_ENV = "SSLSCALE_FAULT_INJECT"
 
 
 def tag_for(step: int) -> str:
@@ -80,11 +84,18 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
     """Save a checkpoint at ``step`` on every rank (collective: all ranks must call it).
 
     ``client_state`` (step, samples_seen, config, data positions ...) is stored with the engine
-    state; every rank also writes its RNG states to ``rank-XXXXX.pt``. Returns the tag folder.
+    state; every rank also writes its RNG states to ``rank-XXXXX.pt``, and rank 0 the encoder in
+    Hugging Face format to ``encoder/`` (``ExportError`` if it is empty or misshapen). Returns
+    the tag folder.
     """
+    from sslscale.export import gather_encoder_state, save_encoder
+
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    encoder_state = gather_encoder_state(ds_engine, ds_engine.module)
+    if encoder_state is not None:
+        save_encoder(ds_engine.module.encoder(), encoder_state, root / tag / "encoder")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"rng": rng_state()}, rank_file(root / tag, rank))
     if os.environ.get(FAULT_ENV) == f"kill-before-marker:{step}":  # tests: a kill mid-save

@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 10
+    max_bad_steps: int = 3  # consecutive non-finite micro-batches before rolling back
 
 
 @dataclass

@@ -9,6 +9,7 @@ checkpoint module, not here: every rank runs the same code and the same number o
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ class Trainer:
         self._skipped_before = [0, 0]  # skipped samples, shards: totals of earlier runs
         self._skipped: dict[int, list[int]] = {}  # data-loader worker -> its counters, this run
         self._last_saved = -1
+        self.skipped_steps = 0  # non-finite micro-batches discarded, this run
+        self._micro_batches, self._rollbacks = 0, 0
+        fault = os.environ.get(checkpoint.FAULT_ENV, "")
+        self._fault = tuple(map(int, fault[9:].split("-"))) if fault.startswith("nan-loss:") else None
         self._window = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, micro-batches
         self._window_start = (time.perf_counter(), 0)
 
@@ -109,17 +114,57 @@ class Trainer:
         self._skipped[worker] = [samples, shards]
 
     # -------------------------------------------------------------------------------------- loop
-    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
-        """One optimizer step (``grad_accum_steps`` micro-batches); returns step hyper-params."""
-        hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)
-        ds, device = self.engine.ds, self.engine.device
-        for _ in range(self.engine.grad_accum_steps):
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (a collective)."""
+        t = torch.tensor([float(flag)], device=self.engine.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _forward(self, batches: Iterator[dict]) -> torch.Tensor:
+        """Loss of the next micro-batch whose loss is finite on every rank. A non-finite one (on
+        any rank) is discarded before backward, so no state changes, and counted; after
+        ``train.max_bad_steps`` in a row the run rolls back to the last complete checkpoint and
+        goes on with the data after the bad batches."""
+        bad_run = 0
+        while True:
             batch = next(batches)
             self._take_data_state(batch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            out = ds(batch)
-            self.engine.backward_step(out.loss)
-            self._window[0] += out.loss.detach().double()  # stays on the device: no sync per step
+            batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+            loss = self.engine.ds(batch).loss
+            self._micro_batches += 1
+            if self._fault is not None and self._fault[0] <= self._micro_batches <= self._fault[1] \
+                    and torch.distributed.get_rank() == 0:
+                loss = loss * float("nan")  # tests: SSLSCALE_FAULT_INJECT=nan-loss:A-B
+            if not self._any_rank(not torch.isfinite(loss).item()):
+                return loss
+            self.skipped_steps += 1
+            bad_run += 1
+            self.metrics.info(f"non-finite loss at step {self.state.step + 1}: micro-batch skipped "
+                              f"({bad_run} in a row, {self.skipped_steps} in all)")
+            if bad_run >= self.cfg.train.max_bad_steps:
+                self._roll_back()
+                bad_run = 0
+
+    def _roll_back(self) -> None:
+        folder = checkpoint.find_latest(self.run_dir)
+        self._rollbacks += 1
+        if folder is None or self._rollbacks > 3:
+            raise RuntimeError(f"{self.cfg.train.max_bad_steps} non-finite losses in a row at step "
+                               f"{self.state.step + 1} and " + ("no checkpoint to roll back to"
+                                                                if folder is None else "3 rollbacks already"))
+        client = checkpoint.load(self.engine.ds, folder)  # the data stream is NOT rewound
+        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
+        self._last_saved = self.state.step
+        self.metrics.info(f"rolled back to {folder}; the data after the bad batches follows")
+
+    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns step hyper-params."""
+        for _ in range(self.engine.grad_accum_steps):
+            hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)  # after a rollback too
+            loss = self._forward(batches)
+            self.engine.backward_step(loss)
+            self._window[0] += loss.detach().double()  # stays on the device: no sync per step
             self._window[1] += 1
         self.state.step += 1
         self.state.samples_seen += self.cfg.train.global_batch_size
@@ -141,6 +186,7 @@ class Trainer:
             "samples_seen": self.state.samples_seen,
         }
         metrics["data/skipped_samples"], metrics["data/skipped_shards"] = self.skipped()
+        metrics["train/skipped_steps"] = self.skipped_steps
         self.metrics.log(self.state.step, metrics)
         self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
         self._window.zero_()
@@ -163,12 +209,6 @@ class Trainer:
     def _on_signal(self, signum: int, frame) -> None:
         self._signal = signum
 
-    def _stop_requested(self) -> bool:
-        """True on every rank if any rank got a stop signal (a collective, at a step boundary)."""
-        flag = torch.tensor([0.0 if self._signal is None else 1.0], device=self.engine.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
     def fit(self) -> TrainState:
         """Train to ``max_steps`` (resuming first per ``cfg.resume``), evaluating and saving on
@@ -195,7 +235,7 @@ class Trainer:
                 self.save()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
                 self.run_eval()
-            if not last and self._stop_requested():
+            if not last and self._any_rank(self._signal is not None):  # a stop signal anywhere
                 self.metrics.info(f"stop signal: saving at step {step} and exiting with "
                                   f"code {PREEMPTED_EXIT_CODE}")
                 if self._last_saved != step:

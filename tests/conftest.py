@@ -61,3 +61,49 @@ def tiny_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[
 def sslscale_cmd(*args: str) -> list[str]:
     """Run the installed CLI through this interpreter (works without activating the venv)."""
     return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc: torchrun starts ranks in new sessions, so a
+    process group does not reach them)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += parents.get(p, [])
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant, as a node failure would."""
+    import signal
+
+    for p in process_tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_dead(pids: list[int], timeout: float = 30.0) -> None:
+    """Wait until none of ``pids`` runs (gone or a zombie)."""
+    import time
+
+    deadline = time.time() + timeout
+    for pid in pids:
+        while time.time() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state in ("Z", "X"):
+                break
+            time.sleep(0.05)
+    assert time.time() < deadline, f"processes still running after SIGKILL: {pids}"

@@ -3,14 +3,12 @@ resume=auto logs exactly the same train/loss for every later step as an uninterr
 ZeRO 1, 2 and 3 on 1 and 2 ranks. Engine state, data positions and RNG states all matter here."""
 
 import json
-import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from ..conftest import DEMO_RECIPE, ROOT, sslscale_cmd, tiny_overrides
+from ..conftest import DEMO_RECIPE, ROOT, kill_tree, process_tree, sslscale_cmd, wait_dead, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 30
@@ -39,14 +37,16 @@ def test_kill_and_resume_is_bitwise(real_shards, tmp_path, nproc, stage):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    proc = subprocess.Popen(command(nproc, real_shards, cut, stage), cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen(command(nproc, real_shards, cut, stage), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (cut / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank, mid-run
+    ranks = process_tree(proc.pid)
+    kill_tree(proc.pid)  # the launcher and every rank, mid-run
     proc.wait()
+    wait_dead(ranks)  # none survives to write into the run dir while it resumes
     saved = int((cut / "checkpoints" / "latest").read_text().split("-")[1])
     assert saved < MAX_STEPS
 
@@ -56,3 +56,13 @@ def test_kill_and_resume_is_bitwise(real_shards, tmp_path, nproc, stage):
     expected, got = losses(full), losses(cut)
     later = range(saved + 1, MAX_STEPS + 1)
     assert [got[s] for s in later] == [expected[s] for s in later]  # exactly, not approximately
+
+    # Every checkpoint carries the encoder in Hugging Face format, gathered under ZeRO-3 too.
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    encoder_dir = cut / "checkpoints" / f"step-{MAX_STEPS:08d}" / "encoder"
+    encoder = AutoModel.from_pretrained(encoder_dir)
+    weights = load_file(encoder_dir / "model.safetensors")
+    assert type(encoder).__name__ == "ViTMAEModel" and all(w.numel() > 0 for w in weights.values())
+    assert weights["embeddings.patch_embeddings.projection.weight"].abs().sum() > 0

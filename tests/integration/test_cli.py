@@ -2,6 +2,7 @@
 resume=auto continues from the saved step; kNN eval of the run; errors that name the culprit."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -101,3 +102,22 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(real_shards, tmp_path):
     assert "at step 2" in resumed.stderr
     rows = json.loads(run("ckpt", "info", str(run_dir), "--json").stdout)
     assert [(r["step"], r["complete"]) for r in rows] == [(6, True), (4, True), (2, True)]
+
+
+@pytest.mark.parametrize("bad, rolled_back", [("5-5", False), ("5-7", True)])
+def test_non_finite_loss_is_skipped_then_rolled_back(real_shards, tmp_path, bad, rolled_back):
+    run_dir = tmp_path / "run"
+    args = ["train", str(DEMO_RECIPE), *tiny_overrides(real_shards, run_dir, "train.max_steps=6",
+                                                        "checkpoint.every_steps=1", "eval.train_shards=null",
+                                                        "train.micro_batch_size=16", "train.max_bad_steps=3")]
+    env = {**os.environ, "SSLSCALE_FAULT_INJECT": f"nan-loss:{bad}"}
+    done = subprocess.run(sslscale_cmd(*args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in metrics(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in rows][-2:] == [5, 6] and all(math.isfinite(r["train/loss"]) for r in rows)
+    first, last = map(int, bad.split("-"))
+    assert rows[-1]["train/skipped_steps"] == last - first + 1
+    assert ("rolled back to" in done.stderr) == rolled_back
+    if rolled_back:  # 3 bad in a row at step 5: back to step 4's checkpoint, step 5 redone
+        assert f"rolled back to {run_dir / 'checkpoints' / 'step-00000004'}" in done.stderr
+        assert [r["step"] for r in rows].count(5) == 1
