@@ -1,13 +1,15 @@
-"""Reading shards: the training stream and the evaluation reader.
+"""Reading shards: resumable virtual streams for training, and the evaluation reader.
 
-Training: each (rank, data-loader worker) reads the shards the plan (``launcher.plan``) deals it
-for the epoch, through a WebDataset pipeline (tar -> samples -> seeded shuffle buffer -> PIL
-decode), and yields full micro-batches forever, epoch after epoch, so every rank can take
-exactly ``max_steps`` steps and none waits on another at an epoch end. Evaluation: every sample
-once, in manifest order, rank ``r`` of ``W`` taking samples ``r, r+W, ...``.
+Training: each data-loader worker of each rank reads the virtual streams ``launcher.plan`` deals
+it, from their saved positions (seeking by the manifest's tar offsets), interleaving them and
+shuffling within blocks of a shard with seeds derived from the position, so replaying from a
+position reproduces the sequence. Streams are endless, so every rank takes exactly ``max_steps``
+steps and none waits on another. Batches carry the positions of the streams they consumed.
+Unreadable data (truncated or corrupt tar, undecodable image, missing shard, HTTP error, failing
+``pipe:``) is skipped with one warning per shard and counted, or raises with ``strict``.
 
-The seam for resumable streams: ``TrainStream`` is the only thing the trainer iterates; it is
-built from a manifest, the run env, the data config and a start ``epoch``.
+Evaluation: every sample once, in manifest order, rank ``r`` of ``W`` taking samples
+``r, r+W, ...``.
 """
 
 from __future__ import annotations
@@ -64,10 +66,6 @@ def to_example(sample: dict[str, Any], image_size: int, num_channels: int) -> di
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long)}
-
-
-def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
 
 
 class DataStats:
@@ -279,8 +277,7 @@ def eval_batches(manifest: Manifest, *, rank: int, world_size: int, batch_size: 
     """Every sample once (the first ``limit`` if given), in manifest order, this rank's share
     (sample ``i`` goes to rank ``i % world_size``), in batches of up to ``batch_size``."""
     total = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
-    urls = [manifest.url(i) for i in range(len(manifest.shards))]
-    mine = (s for i, s in enumerate(itertools.islice(_raw_samples(urls), total))
-            if i % world_size == rank)
+    samples = itertools.chain.from_iterable(_open_at(manifest, i, 0) for i in range(len(manifest.shards)))
+    mine = (s for i, s in enumerate(itertools.islice(samples, total)) if i % world_size == rank)
     while batch := [to_example(s, image_size, num_channels) for s in itertools.islice(mine, batch_size)]:
         yield collate(batch)
