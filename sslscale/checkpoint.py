@@ -75,6 +75,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.pt"
 
@@ -96,7 +102,7 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
     encoder_state = gather_encoder_state(ds_engine, ds_engine.module)
     if encoder_state is not None:
         save_encoder(ds_engine.module.encoder(), encoder_state, root / tag / "encoder")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank, world_size = _rank_and_world()
     torch.save({"rng": rng_state()}, rank_file(root / tag, rank))
     if os.environ.get(FAULT_ENV) == f"kill-before-marker:{step}":  # tests: a kill mid-save
         os.kill(os.getpid(), signal.SIGKILL)
@@ -106,7 +112,7 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
         files = {str(p.relative_to(folder)): p.stat().st_size
                  for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
         marker = {"tag": tag, "step": step, "time": time.time(), "files": files,
-                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                  "world_size": world_size,
                   "zero_stage": ds_engine.zero_optimization_stage()}
         _write_atomic(folder / MARKER, json.dumps(marker, indent=1))
         _write_atomic(root / LATEST, tag)
@@ -215,8 +221,7 @@ def load(ds_engine, folder: Path) -> dict[str, Any]:
     load_path, client_state = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    set_rng_state(torch.load(rank_file(folder, rank), weights_only=True)["rng"])
+    set_rng_state(torch.load(rank_file(folder, _rank_and_world()[0]), weights_only=True)["rng"])
     return client_state
 
 

@@ -41,8 +41,9 @@ class Trainer:
 
     ``make_batches(positions, phase)`` returns the endless micro-batch iterator from the given
     stream positions (called once, after a resume has set the state); batches carry the
-    positions of the streams they consumed, which the trainer keeps and checkpoints. ``evaluate()`` (optional, collective) returns metrics such as
-    ``{"knn_top1": ...}``, logged under ``eval/``.
+    positions of the streams they consumed, which the trainer keeps and checkpoints.
+    ``evaluate()`` (optional, collective) returns metrics such as ``{"knn_top1": ...}``, logged
+    under ``eval/``.
     """
 
     def __init__(self, cfg, engine: Engine, *, make_batches: Callable[..., Iterator[dict]],
@@ -71,14 +72,18 @@ class Trainer:
         if folder is None:
             return False
         checkpoint.check_compatible(folder, torch.distributed.get_world_size(), self.cfg.deepspeed.zero_stage)
-        client = checkpoint.load(self.engine.ds, folder)
-        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
-        data = client.get("data", {})
+        data = self._restore(folder).get("data", {})
         self.positions = list(data.get("positions", self.positions))
         self._skipped_before = list(data.get("skipped", self._skipped_before))
-        self._last_saved = self.state.step
         self.metrics.info(f"resumed from {folder} at step {self.state.step}")
         return True
+
+    def _restore(self, folder: Path) -> dict[str, Any]:
+        """Engine, RNG, step and samples_seen from ``folder``; returns its client state."""
+        client = checkpoint.load(self.engine.ds, folder)
+        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
+        self._last_saved = self.state.step
+        return client
 
     def save(self) -> None:
         start = time.perf_counter()
@@ -153,9 +158,7 @@ class Trainer:
             raise RuntimeError(f"{self.cfg.train.max_bad_steps} non-finite losses in a row at step "
                                f"{self.state.step + 1} and " + ("no checkpoint to roll back to"
                                                                 if folder is None else "3 rollbacks already"))
-        client = checkpoint.load(self.engine.ds, folder)  # the data stream is NOT rewound
-        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
-        self._last_saved = self.state.step
+        self._restore(folder)  # the data stream is NOT rewound
         self.metrics.info(f"rolled back to {folder}; the data after the bad batches follows")
 
     def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
@@ -208,7 +211,6 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame) -> None:
         self._signal = signum
-
 
     def fit(self) -> TrainState:
         """Train to ``max_steps`` (resuming first per ``cfg.resume``), evaluating and saving on

@@ -229,9 +229,11 @@ class TrainStream(IterableDataset):
                             f"{num_streams}; resume with the num_streams the run started with")
         self.phase, self.strict = phase, strict
 
+    def _streams(self, worker: int) -> list[int]:
+        return streams_for(self.num_streams, self.world_size, self.num_workers, self.rank, worker, self.phase)
+
     def _examples(self, worker: int, stats: DataStats) -> Iterator[tuple[dict[str, Any], int, int]]:
-        streams = streams_for(self.num_streams, self.world_size, self.num_workers, self.rank,
-                              worker, self.phase)
+        streams = self._streams(worker)
         readers = {s: iter(StreamReader(self.manifest, s, num_streams=self.num_streams, seed=self.seed,
                                         block=self.shuffle_buffer, k=self.positions[s], stats=stats))
                    for s in streams}
@@ -248,8 +250,7 @@ class TrainStream(IterableDataset):
         worker = info.id if info is not None else 0
         stats = DataStats(self.strict)
         examples = self._examples(worker, stats)
-        positions = {s: self.positions[s] for s in streams_for(
-            self.num_streams, self.world_size, self.num_workers, self.rank, worker, self.phase)}
+        positions = {s: self.positions[s] for s in self._streams(worker)}
         while True:
             batch = []
             for example, s, k in itertools.islice(examples, self.batch_size):
