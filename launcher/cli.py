@@ -1,4 +1,5 @@
-"""The ``sslscale`` command line: data (prepare | plan) | train | launch | eval | ckpt.
+"""The ``sslscale`` command line: data | train | launch | submit | status | cancel | eval | ckpt |
+export | push | plot.
 
 Each sub-command parses its flags and hands over to one function; heavy modules (torch,
 DeepSpeed, transformers) are imported only by the sub-command that needs them. Errors the user
@@ -14,11 +15,31 @@ import sys
 from typing import Sequence
 
 
-def _data_prepare(args: argparse.Namespace) -> int:
-    from sslscale.data.sources import prepare
+def _data_prepare_text(args: argparse.Namespace) -> int:
+    from sslscale.data.text import prepare_text
 
-    manifest = prepare(args.source, args.out, split=args.split, input_dir=args.input,
-                       samples_per_shard=args.samples_per_shard, fmt=args.format, limit=args.limit)
+    try:
+        summary = prepare_text(args.source, args.out, inputs=args.input, vocab_size=args.vocab_size,
+                               tokenizer=args.tokenizer, seq_len=args.seq_len,
+                               val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
+                               seed=args.seed, limit=args.limit)
+    except ValueError as e:  # a bad flag, an undecodable file, a split too small for one block
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from sslscale.data.sources import TEXT_SOURCES, prepare
+
+    if args.source in TEXT_SOURCES:
+        return _data_prepare_text(args)
+    if args.input and len(args.input) > 1:
+        print(f"error: {args.source} takes one --input folder, got {len(args.input)}", file=sys.stderr)
+        return 2
+    manifest = prepare(args.source, args.out, split=args.split, input_dir=(args.input or [None])[0],
+                       samples_per_shard=args.samples_per_shard or 5000, fmt=args.format, limit=args.limit)
     print(json.dumps({"out": args.out, "source": manifest.source, "num_shards": len(manifest.shards),
                       "num_samples": manifest.num_samples}))
     return 0
@@ -38,19 +59,24 @@ def _data_plan(args: argparse.Namespace) -> int:
 
 def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
     """Check the config and the shard plan for ``world_size`` ranks before starting any."""
+    from omegaconf import OmegaConf
+
     from launcher.plan import check_streams
     from sslscale import checkpoint
-    from sslscale.config import grad_accum_steps, load_config
-    from sslscale.train import load_manifest_for
+    from sslscale.config import grad_accum_steps, load_config, to_dict
+    from sslscale.data.shards import load_manifest_for
 
     cfg = load_config(recipe, overrides)
     grad_accum_steps(cfg, world_size)
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
     check_streams(len(manifest.shards), cfg.data.num_streams, world_size, cfg.data.num_workers,
                   cfg.data.train_shards)
+    for key in ("eval.train_shards", "eval.test_shards"):  # a run must not fail at its first eval
+        if OmegaConf.select(cfg, key):
+            load_manifest_for(key, OmegaConf.select(cfg, key))
     folder = checkpoint.resolve_resume(cfg.resume, cfg.run_dir)
-    if folder is not None:
-        checkpoint.check_compatible(folder, world_size, cfg.deepspeed.zero_stage)
+    if folder is not None:  # another world size resumes elastically; another ZeRO stage or shape fails
+        checkpoint.check_compatible(folder, world_size, cfg.deepspeed.zero_stage, to_dict(cfg))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -73,7 +99,24 @@ def _eval_knn(args: argparse.Namespace) -> int:
                           test_shards=args.test_shards, baseline=args.baseline,
                           max_train_samples=args.max_train_samples,
                           max_test_samples=args.max_test_samples, k=args.k)
-    print(json.dumps(result))
+    line = json.dumps(result)
+    if args.baseline:  # kept in the run (the model card quotes it)
+        from pathlib import Path
+
+        from sslscale.checkpoint import tag_for
+
+        out = Path(args.run_dir) / "eval" / f"knn-vs-random-init-{tag_for(result['step'])}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+def _eval_mlm(args: argparse.Namespace) -> int:
+    from sslscale.evaluate import evaluate_mlm_run
+
+    print(json.dumps(evaluate_mlm_run(args.run_dir, step=args.step, test_shards=args.test_shards,
+                                      max_test_samples=args.max_test_samples)))
     return 0
 
 
@@ -94,19 +137,193 @@ def _ckpt_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hub_command(func):
+    """Run an export / push sub-command; an ``ExportError`` (failed round trip, no token), an
+    existing ``--out`` or a malformed metrics file is an error line, exit 2."""
+    def run(args: argparse.Namespace) -> int:
+        from sslscale.export import ExportError
+
+        try:
+            return func(args)
+        except (ExportError, FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_hub_command
+def _export(args: argparse.Namespace) -> int:
+    from sslscale.hub import export_run
+
+    r = export_run(args.run_dir, args.out, step=args.step, repo_id=args.repo_id,
+                   license=args.license, overwrite=args.overwrite)
+    print(json.dumps({"out": str(r.out), "step": r.step, "objective": r.objective,
+                      "class": r.published_class, "num_params": r.num_params,
+                      "round_trip_max_abs_diff": r.round_trip_diff}))
+    return 0
+
+
+@_hub_command
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from sslscale.hub import push_run
+
+    try:
+        print(json.dumps(push_run(args.run_dir, args.repo_id, step=args.step, private=args.private,
+                                  revision=args.revision, license=args.license)))
+    except HfHubHTTPError as e:  # 401 / 403 / 404 from the hub: its message, never the token
+        print(f"error: hub: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from sslscale.plot import plot_run
+
+    try:
+        panels = plot_run(args.run_dir, args.out)
+    except ValueError as e:  # a malformed metrics.jsonl line, or nothing to plot
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, "panels": panels}))
+    return 0
+
+
+def _add_hub_commands(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("run_dir")
+    common.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    common.add_argument("--license", default="apache-2.0", help="license in the model card's metadata")
+    ex = sub.add_parser("export", parents=[common], help="encoder -> Hugging Face folder + model card "
+                        "(round-trip checked)")
+    ex.add_argument("--out", required=True, help="output folder (appears only once checked)")
+    ex.add_argument("--repo-id", help="hub name shown in the card's usage snippet (default: --out)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.set_defaults(func=_export)
+    push = sub.add_parser("push", parents=[common], help="export, check, upload to the Hugging Face "
+                          "hub (token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--repo-id", required=True, help="ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    push.set_defaults(func=_push)
+    plot = sub.add_parser("plot", help="PNG of loss, lr, throughput and eval from metrics.jsonl")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
+    plot.set_defaults(func=_plot)
+
+
+def _slurm_command(func):
+    """Run a Slurm sub-command; a ``SlurmError`` (bad value, sbatch failure) is an error line, 2."""
+    def run(args: argparse.Namespace) -> int:
+        from launcher.slurm import SlurmError
+
+        try:
+            return func(args)
+        except SlurmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_slurm_command
+def _submit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher import slurm
+    from sslscale.config import load_config, save_config
+
+    cfg = load_config(args.config, args.overrides)
+    job = slurm.prepare(cfg, {k: getattr(args, k) for k in slurm.FLAGS}, workdir=Path.cwd(),
+                        python=args.python)
+    _preflight(args.config, args.overrides, job.spec.world_size)
+    if args.dry_run:
+        print(job.script, end="")
+        return 0
+    job_id = slurm.submit_script(job, lambda path: save_config(cfg, path))
+    print(f"submitted job {job_id} ({job.spec.nodes} node(s) x {job.spec.ntasks_per_node} rank(s)); "
+          f"script and log in {job.script_path.parent}", file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+@_slurm_command
+def _status(args: argparse.Namespace) -> int:
+    from launcher.slurm import status
+
+    info = status(args.run_dir)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for key in ("job_id", "state", "reason", "restarts", "run_time", "time_limit", "nodes",
+                "exit_code", "latest_checkpoint", "log"):
+        print(f"{key:<18} {info[key] if info[key] is not None else '-'}")
+    ends = [a for a in info["attempts"] if a.get("event") == "end"]
+    print(f"{'attempts':<18} {len(ends)} ended, exit codes {[a['exit_code'] for a in ends]}")
+    return 0
+
+
+@_slurm_command
+def _cancel(args: argparse.Namespace) -> int:
+    from launcher.slurm import cancel
+
+    job_id = cancel(args.run_dir, save=args.save)
+    print(f"{'stopping' if args.save else 'cancelled'} job {job_id}"
+          f"{' (the ranks save at the next step, then it ends without requeue)' if args.save else ''}")
+    return 0
+
+
+def _add_slurm_commands(sub) -> None:
+    p = sub.add_parser("submit", help="submit a Slurm job: one srun task per rank, requeued on preemption")
+    p.add_argument("config", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    p.add_argument("--nodes", type=int, help="nodes (default 1)")
+    p.add_argument("--ntasks-per-node", type=int, help="ranks per node (default: --gpus-per-node, else 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node; one rank per GPU")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per rank (also OMP_NUM_THREADS)")
+    p.add_argument("--time", help="time limit, e.g. 2-00:00:00 (default: key slurm.time)")
+    for name in ("partition", "account", "qos", "constraint"):
+        p.add_argument(f"--{name}", help=f"Slurm {name} (default: key slurm.{name})")
+    p.add_argument("--job-name", help="default: key 'name'")
+    p.add_argument("--container-image", help="pyxis/enroot image for srun (the image must hold sslscale)")
+    p.add_argument("--container-mounts", help="pyxis mounts (default: the working dir and run dir)")
+    p.add_argument("--signal-grace", type=int, help="seconds of SIGUSR1 warning before the limit "
+                   "(default: key slurm.signal_grace_s)")
+    p.add_argument("--python", help="interpreter of the ranks (default: this one; 'python' in a container)")
+    p.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
+    p.set_defaults(func=_submit)
+    for name, func, help_ in [("status", _status, "the Slurm state of a run's job, restarts, latest checkpoint"),
+                              ("cancel", _cancel, "scancel a run's job (it keeps its last complete checkpoint)")]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run_dir")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="one JSON object")
+        else:
+            p.add_argument("--save", action="store_true", help="SIGUSR1 first: the ranks save a "
+                           "checkpoint at the next step, then the job ends without requeue")
+        p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="prepare shards").add_subparsers(dest="action", required=True)
     prep = data.add_parser("prepare", help="write a source as WebDataset shards + manifest.json")
-    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder"])
-    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder", "text", "pydoc-topics"])
+    prep.add_argument("--out", required=True, help="output folder (text: OUT/train and OUT/val)")
     prep.add_argument("--split", default="train", choices=["train", "test"])
-    prep.add_argument("--input", help="folder of images (image-folder)")
-    prep.add_argument("--samples-per-shard", type=int, default=5000)
+    prep.add_argument("--input", nargs="+", help="folder of images (image-folder); text files or "
+                      "folders of .txt/.rst/.md(.gz) (text; default: Debian python3.11-doc)")
+    prep.add_argument("--samples-per-shard", type=int,
+                      help="default: 5000 images; text: train in >= 32 shards, val in 1 (<= 10000 blocks each)")
     prep.add_argument("--format", default="png", choices=["png", "jpg"])
-    prep.add_argument("--limit", type=int, help="keep only the first N samples")
+    prep.add_argument("--limit", type=int, help="keep only the first N samples (text: documents)")
+    prep.add_argument("--vocab-size", type=int, default=8192, help="text: WordPiece vocabulary size")
+    prep.add_argument("--tokenizer", help="text: reuse this Hugging Face tokenizer folder instead of training one")
+    prep.add_argument("--seq-len", type=int, default=128, help="text: tokens per block, [CLS] and [SEP] included")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="text: documents held out for val")
+    prep.add_argument("--seed", type=int, default=0, help="text: seed of the split and the block order")
     prep.set_defaults(func=_data_prepare)
     plan = data.add_parser("plan", help="print the stream plan for a world size and worker count")
     plan.add_argument("manifest", help="manifest.json or the folder holding it")
@@ -138,11 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--max-test-samples", type=int)
     knn.add_argument("--k", type=int)
     knn.set_defaults(func=_eval_knn)
+    mlm = ev.add_parser("mlm", help="held-out masked-token accuracy / perplexity vs the most-frequent-token baseline")
+    mlm.add_argument("run_dir")
+    mlm.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    mlm.add_argument("--test-shards", help="held-out text shards (default: run's eval.test_shards)")
+    mlm.add_argument("--max-test-samples", type=int)
+    mlm.set_defaults(func=_eval_mlm)
     ck = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="action", required=True)
     info = ck.add_parser("info", help="list a run's checkpoints: step, size, world size, completeness")
     info.add_argument("run_dir")
     info.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     info.set_defaults(func=_ckpt_info)
+    _add_slurm_commands(sub)
+    _add_hub_commands(sub)
     return parser
 
 

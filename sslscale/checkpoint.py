@@ -8,16 +8,29 @@ their sizes, written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` 
 complete tag and moves only after its marker exists (temp file + rename). Resume ignores tags
 without a marker (a kill mid-save leaves ``latest`` on the previous one). ``retain`` deletes old
 ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one.
+
+Elastic resume: a checkpoint written by another number of ranks is converted once to a DeepSpeed
+universal checkpoint (``deepspeed.checkpoint.ds_to_universal``; Tian et al., "Universal
+Checkpointing", arXiv 2406.18820), cached at ``RUN_DIR/checkpoints/universal/step-XXXXXXXX``
+(built in a temp folder and renamed, so a kill mid-conversion leaves nothing half-made), and
+loaded with DeepSpeed's universal loading. The client state (step, samples_seen, data positions)
+is the original's; the stream positions re-deal over the new ranks by themselves
+(``launcher.plan``). Per-rank RNG states are not carried over: every rank reseeds from
+``(train.seed, step, rank)``. Changing the ZeRO stage or the model's shape stays an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import random
 import shutil
 import signal
 import time
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +39,14 @@ import torch
 
 MARKER = "complete.json"
 LATEST = "latest"
-# Test-only fault injection: "kill-before-marker:STEP" (here), "nan-loss:A-B" (trainer: the
-# A-th to B-th micro-batch of the process get a NaN loss on rank 0).
+UNIVERSAL = "universal"  # RUN_DIR/checkpoints/universal/step-XXXXXXXX: converted for elastic resume
+SOURCE = "source.json"  # in a universal folder: the marker of the checkpoint it was made from
+# Keys of the config's `model` section that do not change the parameters' shapes.
+NOT_SHAPE_KEYS = ("attn_implementation",)
+# Test-only fault injection: "kill-before-marker:STEP" (here: a kill mid-save),
+# "kill-in-conversion:STEP" (here: a kill after a universal conversion is written, before its
+# rename), "nan-loss:A-B" (trainer: the A-th to B-th micro-batch of the process get a NaN loss
+# on rank 0).
 FAULT_ENV = "SSLSCALE_FAULT_INJECT"
 
 
@@ -81,8 +100,45 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def fail_together(error: Exception | None, what: str) -> None:
+    """Raise on every rank if ``error`` happened on any (collective), so no rank waits forever on
+    one that failed alone. Reduces on the collective backend's device (NCCL: CUDA only)."""
+    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.is_initialized() and \
+        torch.distributed.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor([float(error is not None)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"another rank failed while {what}")
+
+
 def rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.pt"
+
+
+def _frozen_zero3(module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if hasattr(p, "ds_tensor") and not p.requires_grad}
+
+
+def _restore_frozen_zero3(module, folder: Path, saved_world_size: int) -> None:
+    """Put back ZeRO-3 parameters that have no gradient (MoCo's momentum encoder): DeepSpeed
+    0.19.8 saves only rank 0's partition of them and loads it into every rank. Each rank file
+    holds its own partitions; the full tensor is their concatenation (equal, contiguous slices
+    of the flat parameter), loaded through ``GatheredParameters`` so any new world size works."""
+    import deepspeed
+
+    params = _frozen_zero3(module)
+    parts = [torch.load(rank_file(folder, r), weights_only=True).get("frozen", {})
+             for r in range(saved_world_size)] if params else []
+    params = {n: p for n, p in params.items() if n in parts[0]}  # older checkpoints lack them
+    if not params:
+        return
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        for name, p in params.items():
+            full = torch.cat([part[name] for part in parts])[:p.numel()]
+            p.data.copy_(full.view_as(p.data))
 
 
 def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
@@ -90,20 +146,26 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
     """Save a checkpoint at ``step`` on every rank (collective: all ranks must call it).
 
     ``client_state`` (step, samples_seen, config, data positions ...) is stored with the engine
-    state; every rank also writes its RNG states to ``rank-XXXXX.pt``, and rank 0 the encoder in
+    state; every rank also writes its RNG states (and, under ZeRO-3, its partitions of parameters
+    without gradient) to ``rank-XXXXX.pt``, and rank 0 the encoder in
     Hugging Face format to ``encoder/`` (``ExportError`` if it is empty or misshapen). Returns
     the tag folder.
     """
-    from sslscale.export import gather_encoder_state, save_encoder
+    from sslscale.export import ExportError, gather_encoder_state, save_encoder
 
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    encoder_state = gather_encoder_state(ds_engine, ds_engine.module)
+    encoder_state, error = gather_encoder_state(ds_engine, ds_engine.module), None
     if encoder_state is not None:
-        save_encoder(ds_engine.module.encoder(), encoder_state, root / tag / "encoder")
+        try:
+            save_encoder(ds_engine.module.encoder(), encoder_state, root / tag / "encoder")
+        except ExportError as e:  # rank 0 checks it; the others must not wait at the barrier
+            error = e
+    fail_together(error, f"exporting the encoder of {tag}")
     rank, world_size = _rank_and_world()
-    torch.save({"rng": rng_state()}, rank_file(root / tag, rank))
+    frozen = {n: p.ds_tensor.detach().cpu().clone() for n, p in _frozen_zero3(ds_engine.module).items()}
+    torch.save({"rng": rng_state(), "frozen": frozen}, rank_file(root / tag, rank))
     if os.environ.get(FAULT_ENV) == f"kill-before-marker:{step}":  # tests: a kill mid-save
         os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
@@ -113,7 +175,8 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
                  for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
         marker = {"tag": tag, "step": step, "time": time.time(), "files": files,
                   "world_size": world_size,
-                  "zero_stage": ds_engine.zero_optimization_stage()}
+                  "zero_stage": ds_engine.zero_optimization_stage(),
+                  "model": model_signature(client_state.get("config"))}
         _write_atomic(folder / MARKER, json.dumps(marker, indent=1))
         _write_atomic(root / LATEST, tag)
     _barrier()
@@ -134,8 +197,9 @@ def step_folders(run_dir: str | os.PathLike) -> list[Path]:
 def retain(run_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:
     """Delete checkpoints beyond the newest ``keep_last`` complete ones (0 keeps all), except
     steps that are multiples of ``keep_every``; also leftovers of interrupted saves older than
-    the newest complete one. Never touches the newest complete checkpoint. Returns what it
-    deleted. Call on one process, after a save."""
+    the newest complete one, and universal caches whose checkpoint is gone. Never touches the
+    newest complete checkpoint. Returns the checkpoints it deleted. Call on one process, after a
+    save."""
     tags = step_folders(run_dir)
     complete = [p for p in tags if is_complete(p)]
     if not complete:
@@ -147,6 +211,10 @@ def retain(run_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> l
     for folder in doomed:
         (folder / MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
         shutil.rmtree(folder)
+    universal = checkpoints_dir(run_dir) / UNIVERSAL
+    for cache in universal.glob("step-*") if universal.is_dir() else []:
+        if not (cache.parent.parent / cache.name).is_dir():  # its checkpoint is gone
+            shutil.rmtree(cache)
     return doomed
 
 
@@ -200,39 +268,152 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     return folder
 
 
-def check_compatible(folder: Path, world_size: int, zero_stage: int) -> None:
-    """``ConfigError`` if ``folder`` was written with another world size or ZeRO stage, which
-    DeepSpeed cannot load yet (elastic resume through universal checkpoints comes later)."""
+def model_signature(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What fixes the parameters' shapes, from a resolved config dict: ``objective.name``, every
+    ``model.*`` key but ``NOT_SHAPE_KEYS``, and the objective's ``*_dim`` keys (heads), as
+    ``{"dotted.key": value}``; None without a config."""
+    if not config:
+        return None
+    objective = config.get("objective", {})
+    return {"objective.name": objective.get("name"),
+            **{f"model.{k}": v for k, v in config.get("model", {}).items() if k not in NOT_SHAPE_KEYS},
+            **{f"objective.{k}": v for k, v in objective.items() if k.endswith("_dim")}}
+
+
+def check_compatible(folder: Path, world_size: int, zero_stage: int,
+                     config: dict[str, Any] | None = None) -> bool:
+    """Whether loading ``folder`` on ``world_size`` ranks needs an elastic resume (True when it
+    was written by another number of ranks).
+
+    Raises ``ConfigError`` naming both values when the ZeRO stage differs, or when a key of
+    ``model_signature`` differs from ``config`` (a resolved config dict).
+    """
     from sslscale.config import ConfigError
 
     marker = json.loads((folder / MARKER).read_text())
-    saved = (marker.get("world_size", world_size), marker.get("zero_stage", zero_stage))
-    if saved != (world_size, zero_stage):
+    saved_stage = marker.get("zero_stage", zero_stage)
+    if saved_stage != zero_stage:
         raise ConfigError(
-            f"key 'resume': checkpoint {folder} was written by {saved[0]} rank(s) with ZeRO-"
-            f"{saved[1]}, this run has {world_size} rank(s) with ZeRO-{zero_stage}; resuming "
-            "across world sizes or ZeRO stages is not supported yet: use resume=never or "
-            "another run_dir")
+            f"key 'deepspeed.zero_stage': checkpoint {folder} was written with ZeRO-{saved_stage}, "
+            f"this run has ZeRO-{zero_stage}; resume with deepspeed.zero_stage={saved_stage}, "
+            "or use resume=never or another run_dir")
+    saved, ours = marker.get("model"), model_signature(config)
+    if saved and ours:
+        changed = [k for k in saved if k in ours and saved[k] != ours[k]]
+        if changed:
+            key = changed[0]
+            raise ConfigError(
+                f"key '{key}': checkpoint {folder} was written with {saved[key]!r}, this run has "
+                f"{ours[key]!r} (changed: {', '.join(changed)}); a checkpoint loads only into the "
+                "same architecture: use resume=never or another run_dir")
+    return marker.get("world_size", world_size) != world_size
+
+
+def universal_folder(folder: Path) -> Path:
+    """Where the universal version of checkpoint ``folder`` is cached."""
+    return folder.parent / UNIVERSAL / folder.name
+
+
+def _universal_is_current(folder: Path) -> bool:
+    out = universal_folder(folder)
+    try:
+        source = json.loads((out / SOURCE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return source == json.loads((folder / MARKER).read_text())
+
+
+def _convert(folder: Path, out: Path) -> None:
+    """Run ``ds_to_universal`` on ``folder`` into a temp folder beside ``out``, then rename it to
+    ``out``. Leftovers of an interrupted conversion are removed first."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".tmp-{folder.name}-{os.getpid()}"
+    target = tmp / folder.name  # ds_to_universal also writes `latest_universal` beside its output
+    args = Namespace(input_folder=str(folder), output_folder=str(target), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=True)  # ZeRO-1/2 checkpoints lack the universal info
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"converting {folder} to a universal checkpoint failed: "
+                           f"{type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from e
+    shutil.copy2(folder / MARKER, target / SOURCE)
+    if os.environ.get(FAULT_ENV) == f"kill-in-conversion:{step_of(folder)}":  # tests
+        os.kill(os.getpid(), signal.SIGKILL)
+    if out.exists():  # a stale cache of an older checkpoint with the same tag
+        shutil.rmtree(out)
+    os.replace(target, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def to_universal(folder: Path) -> Path:
+    """The universal checkpoint of ``folder`` (collective): rank 0 converts it unless a cache made
+    from this very checkpoint exists; the others wait at a barrier. Returns its folder.
+
+    Raises ``RuntimeError`` (with DeepSpeed's output) if the conversion fails."""
+    out = universal_folder(folder)
+    error = None
+    if _rank_and_world()[0] == 0 and not _universal_is_current(folder):
+        try:
+            _convert(folder, out)
+        except RuntimeError as e:
+            error = e
+    fail_together(error, f"converting {folder} to a universal checkpoint")  # also the barrier
+    return out
 
 
 def load(ds_engine, folder: Path) -> dict[str, Any]:
-    """Load engine state (weights, optimizer) and this rank's RNG states from ``folder``;
-    return the client state."""
-    load_path, client_state = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    """Load engine state (weights, optimizer) and RNG states from ``folder``; return the client
+    state (collective). On the world size that wrote it, this rank's RNG states are restored.
+    On another one (elastic), a ZeRO-1/2/3 checkpoint goes through ``to_universal`` (ZeRO-0
+    state is whole on every rank and loads as is) and every rank reseeds python, numpy and torch
+    from ``(train.seed, step, rank)``: reproducible, but not the old ranks' random sequences."""
+    from sslscale.engine import load_checkpoint
+
+    rank, world_size = _rank_and_world()
+    marker = json.loads((folder / MARKER).read_text())
+    elastic = marker.get("world_size", world_size) != world_size
+    universal = elastic and marker.get("zero_stage", 0) > 0  # ZeRO-0 state is not partitioned
+    source = to_universal(folder) if universal else folder
+    load_path, client_state = load_checkpoint(ds_engine, source, universal=universal)
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
-    set_rng_state(torch.load(rank_file(folder, _rank_and_world()[0]), weights_only=True)["rng"])
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {source}")
+    _restore_frozen_zero3(ds_engine.module, folder, marker.get("world_size", world_size))
+    if elastic:
+        seed = int(client_state.get("config", {}).get("train", {}).get("seed", 0))
+        reseed(seed, int(client_state["step"]), rank)
+    else:
+        set_rng_state(torch.load(rank_file(folder, rank), weights_only=True)["rng"])
     return client_state
 
 
-def load_module_state(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The objective's full ``state_dict`` from a checkpoint folder, without an engine.
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from ``(seed, step, rank)``."""
+    digest = hashlib.sha256(f"sslscale-reseed:{seed}:{step}:{rank}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little")
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)
+
+
+def load_module_state(folder: Path, zero_stage: int | None = None) -> dict[str, torch.Tensor]:
+    """The objective's full ``state_dict`` from a checkpoint folder, without an engine (any
+    world size). ``zero_stage`` defaults to the one its marker records.
 
     ZeRO-3 shards are consolidated to fp32 (``zero_to_fp32``); otherwise rank 0's module state
-    holds the full weights.
+    holds the full weights. ``FileNotFoundError`` unless the checkpoint is complete.
     """
     if not is_complete(folder):
         raise FileNotFoundError(f"{folder}: not a complete checkpoint")
+    if zero_stage is None:
+        zero_stage = json.loads((folder / MARKER).read_text()).get("zero_stage") or 0
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

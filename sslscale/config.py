@@ -47,15 +47,38 @@ class ModelConfig:
     decoder_num_attention_heads: int = 16
     decoder_intermediate_size: int = 2048
     attn_implementation: str = "sdpa"
+    # text (MLM): 0 = the tokenizer's vocabulary size; positions >= the data's seq_len
+    vocab_size: int = 0
+    max_position_embeddings: int = 512
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mae"
+    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam
     mask_ratio: float = 0.75  # fraction of patches hidden from the MAE encoder
     norm_pix_loss: bool = True  # MAE: per-patch normalized pixel targets
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop
     hflip: bool = True
+    # MLM (BERT's 80/10/10): of the selected tokens, mask_replace_prob -> [MASK],
+    # random_replace_prob -> a random token, the rest unchanged
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    # contrastive views: SimCLR color-jitter strength s, per-view blur / solarize probabilities
+    color_jitter: float = 0.5
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    solarize_prob: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    # contrastive heads and loss
+    pooling: str = "cls"  # cls | mean: the encoder's representation (also the kNN feature)
+    projection_hidden_dim: int = 2048
+    projection_dim: int = 256
+    predictor_hidden_dim: int = 512  # moco_v3 / simsiam predictor
+    temperature: float = 0.1  # InfoNCE / NT-Xent
+    momentum: float = 0.99  # moco_v3 EMA at step 0, cosine to 1.0 at max_steps
+    # global: negatives (and BatchNorm statistics) over all ranks' micro-batches; local: own rank
+    negatives: str = "global"
 
 
 @dataclass
@@ -79,6 +102,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     max_bad_steps: int = 3  # consecutive non-finite micro-batches before rolling back
+    compile: bool = False  # torch.compile the objective (through DeepSpeed's engine.compile)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: capture only, for tests)
+    # a checkpoint step folder whose model weights start a fresh run (not its optimizer, step or
+    # data position; e.g. BERT's seq-512 phase from the seq-128 run); ignored when resuming
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -114,6 +142,19 @@ class WandbConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Defaults for `sslscale submit` (launcher/slurm.py checks them); its flags win."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time: str = "24:00:00"  # job time limit: MM | HH:MM:SS | D-HH[:MM[:SS]]
+    signal_grace_s: int = 120  # SIGUSR1 this many seconds before the limit: save, requeue
+    sbatch_extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. "--mem=64G"
+    env: dict[str, str] = field(default_factory=dict)  # exported in the job script
+
+
+@dataclass
 class Config:
     name: str = "run"
     run_dir: Optional[str] = None  # default: runs/<name>
@@ -127,12 +168,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "wandb.mode": ("offline", "online", "disabled"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "objective.pooling": ("cls", "mean"),
+    "objective.negatives": ("global", "local"),
 }
 
 
@@ -195,6 +239,20 @@ def validate(cfg: DictConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: key 'data.num_streams' must be >= 1")
     if not 0.0 <= cfg.objective.mask_ratio < 1.0:
         raise ConfigError(f"{source}: key 'objective.mask_ratio' must be in [0, 1)")
+    probs = ["objective.mlm_probability", "objective.mask_replace_prob",
+             "objective.random_replace_prob", "objective.color_jitter_prob", "objective.grayscale_prob"]
+    for key in probs + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob") for i in (0, 1)]:
+        if not 0.0 <= OmegaConf.select(cfg, key, default=0.0) <= 1.0:
+            raise ConfigError(f"{source}: key '{key}' must be a probability in [0, 1]")
+    if cfg.objective.mask_replace_prob + cfg.objective.random_replace_prob > 1.0:
+        raise ConfigError(f"{source}: keys 'objective.mask_replace_prob' + "
+                          "'objective.random_replace_prob' must be <= 1")
+    if len(cfg.objective.blur_prob) != 2 or len(cfg.objective.solarize_prob) != 2:
+        raise ConfigError(f"{source}: keys 'objective.blur_prob'/'objective.solarize_prob' need "
+                          "one value per view (2)")
+    if cfg.objective.temperature <= 0 or not 0.0 <= cfg.objective.momentum <= 1.0:
+        raise ConfigError(f"{source}: key 'objective.temperature' must be > 0 and "
+                          "'objective.momentum' in [0, 1]")
     if cfg.model.image_size % cfg.model.patch_size:
         raise ConfigError(f"{source}: key 'model.image_size' must be a multiple of model.patch_size")
     if len(cfg.data.mean) != cfg.model.num_channels or len(cfg.data.std) != cfg.model.num_channels:

@@ -6,13 +6,15 @@ Owns the mapping of sslscale's batch sizes to DeepSpeed's (``global_batch_size``
 ``grad_accum_steps`` -> ``gradient_accumulation_steps``), the precision (bf16 on CUDA, fp32 on
 CPU, an error for fp16 on CPU), ZeRO stage 0-3, gradient clipping, AdamW (DeepSpeed FusedAdam on
 CUDA, torch's fused AdamW on CPU) with decay / no-decay parameter groups, and writing the
-scheduled learning rate and weight decay into the optimizer before each step.
+scheduled learning rate and weight decay into the optimizer before each step. Loading a DeepSpeed
+checkpoint, universal ones included (``load_checkpoint``), goes through here too.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -172,5 +174,50 @@ def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> 
     optimizer = build_optimizer(model, cfg, device_type)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                        dist_init_required=False)
+    if cfg.train.compile:  # the objective's forward (augmentation, model, loss); dynamic shapes
+        ds.compile(backend=cfg.train.compile_backend, compile_kwargs={"dynamic": None})
     return Engine(ds=ds, optimizer=optimizer, precision=precision, ds_config=ds_config,
                   hf_ds_config=hf_ds_config)
+
+
+def load_checkpoint(ds_engine, folder: Path, universal: bool = False) -> tuple[str | None, dict[str, Any]]:
+    """``ds_engine.load_checkpoint`` of checkpoint ``folder`` (a ``step-*`` tag folder).
+
+    With ``universal`` the folder is a DeepSpeed universal checkpoint (``ds_to_universal``
+    output), loaded on any world size. DeepSpeed reads ``"checkpoint": {"load_universal": true}``
+    from the engine's parsed config at load time only, so it is switched on for this one call:
+    the engine is built before the run knows which checkpoint it resumes, and later loads of
+    its own checkpoints (a rollback) must use the regular format. Returns DeepSpeed's
+    ``(load_path, client_state)``; raises ``RuntimeError`` if this DeepSpeed has no such setting.
+    """
+    config = ds_engine._config
+    if not hasattr(config, "load_universal_checkpoint"):
+        import deepspeed
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no universal checkpoint loading "
+                           "('checkpoint.load_universal'); resume on the world size that saved it")
+    groups = ds_engine.optimizer.param_groups
+    scales = [g.get("wd_scale", 1.0) for g in groups]
+    before, config.load_universal_checkpoint = config.load_universal_checkpoint, bool(universal)
+    try:
+        result = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    finally:
+        config.load_universal_checkpoint = before
+    if universal:
+        _repair_universal_zero3(ds_engine.optimizer, scales)
+    return result
+
+
+def _repair_universal_zero3(zero_optimizer, wd_scales: list[float]) -> None:
+    """Undo two slips of ZeRO-3's universal loading (DeepSpeed 0.19.8,
+    ``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``); no-ops for ZeRO-1/2.
+
+    It copies param group 0's settings into every group, so biases and norms would get weight
+    decay: each group's ``wd_scale`` (this run's choice, not checkpoint state) is put back. And it
+    gives every sub-group the *same* ``step`` tensor, which the fused AdamW then increments once
+    per sub-group per step, skewing Adam's bias correction: each state gets its own copy.
+    """
+    for group, scale in zip(zero_optimizer.param_groups, wd_scales):
+        group["wd_scale"] = scale
+    for state in zero_optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()

@@ -1,4 +1,5 @@
-"""Evaluation of frozen encoders: weighted kNN classification on labeled shards.
+"""Evaluation of frozen encoders: weighted kNN classification on labeled shards (images), and
+held-out masked-token accuracy / perplexity (text).
 
 The kNN protocol follows Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination" (InstDisc, CVPR 2018) as used by DINO (Caron et al. 2021,
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sslscale.data.shards import Manifest
-from sslscale.data.stream import eval_batches
+from sslscale.data.stream import ImageDecoder, eval_batches
 
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -61,20 +62,30 @@ def _gather(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return out
 
 
+def _eval_total(manifest: Manifest, limit: int | None, world_size: int) -> int:
+    """Samples to evaluate; ``ValueError`` if some rank would get none (its collectives would
+    find no partner)."""
+    total = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
+    if total < world_size:
+        raise ValueError(f"{manifest.root}: {total} evaluation sample(s) for {world_size} ranks; "
+                         "every rank needs at least one")
+    return total
+
+
 @torch.no_grad()
 def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, world_size: int = 1,
                      batch_size: int = 256, image_size: int, num_channels: int,
                      limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``objective.features`` of the (first ``limit``) samples of ``manifest``: ``(N, D)`` float
     features and ``(N,)`` labels, on CPU, on every rank. ``ValueError`` if samples are unlabeled."""
-    total = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
+    total = _eval_total(manifest, limit, world_size)
     per_rank_max = math.ceil(total / world_size)
     steps = math.ceil(per_rank_max / batch_size)
     was_training = objective.training
     objective.eval()
     feats, labels = [], []
     batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
-                           image_size=image_size, num_channels=num_channels, limit=total)
+                           decode=ImageDecoder(image_size, num_channels), limit=total)
     dummy = torch.zeros(1, num_channels, image_size, image_size, dtype=torch.uint8)
     for _ in range(steps):
         batch = next(batches, None)
@@ -109,22 +120,59 @@ def knn_eval(objective, train_manifest: Manifest, test_manifest: Manifest, *, de
     return {"knn_top1": top1, "num_train": len(ftr), "num_test": len(fte), "k": k}
 
 
-def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | None = None,
-                 test_shards: str | None = None, baseline: bool = False,
-                 max_train_samples: int | None = None, max_test_samples: int | None = None,
-                 k: int | None = None) -> dict[str, Any]:
-    """kNN top-1 of a run's encoder at ``step`` (default: latest complete checkpoint), in one
-    process on CPU or the first GPU. Shards and sample limits default to the run's ``eval``
-    config. With ``baseline``, also scores the same architecture at its random init (seeded
-    like the run) as ``random_init_knn_top1``. Raises ``FileNotFoundError`` for a run dir
-    without config or checkpoint, ``ConfigError`` for missing eval shards.
+@torch.no_grad()
+def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, world_size: int = 1,
+             batch_size: int = 64, limit: int | None = None) -> dict[str, float]:
+    """Masked-token accuracy and perplexity of an MLM objective on held-out text shards
+    (collective when ``world_size > 1``). Masks are drawn per sample from its index, so every
+    evaluation (and every run) scores the same positions.
+
+    Returns ``{"mlm_accuracy", "mlm_perplexity" (exp of the mean cross-entropy),
+    "mlm_baseline_accuracy" (always predicting the held-out set's most frequent masked token: the
+    best any constant guess can do), "num_masked_tokens"}``.
     """
+    total = _eval_total(manifest, limit, world_size)
+    steps = math.ceil(math.ceil(total / world_size) / batch_size)
+    was_training = objective.training
+    objective.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy sum, correct, count
+    counts = None
+    batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
+                           decode=decode, limit=total)
+    dummy = None
+    for _ in range(steps):
+        batch = next(batches, None)
+        if batch is None:  # this rank ran out: a dummy forward keeps ZeRO-3's collectives matched
+            objective.predict_masked({k: v.to(device) for k, v in dummy.items()})
+            continue
+        dummy = {k: v[:1] for k, v in batch.items()}
+        logits, targets = objective.predict_masked({k: v.to(device) for k, v in batch.items()})
+        targets = targets.to(logits.device)
+        sums += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
+                              (logits.argmax(-1) == targets).sum().item(), len(targets)], dtype=torch.float64)
+        hist = torch.bincount(targets.cpu(), minlength=logits.shape[-1]).double()
+        counts = hist if counts is None else counts + hist
+    objective.train(was_training)
+    if counts is None:
+        counts = torch.zeros(1, dtype=torch.float64)
+    if world_size > 1:  # on the device: NCCL reduces only CUDA tensors
+        sums, counts = sums.to(device), counts.to(device)
+        torch.distributed.all_reduce(sums)
+        size = torch.tensor([len(counts)], device=device)
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+        counts = F.pad(counts, (0, int(size.item()) - len(counts)))
+        torch.distributed.all_reduce(counts)
+    n = max(sums[2].item(), 1.0)
+    return {"mlm_accuracy": sums[1].item() / n, "mlm_perplexity": math.exp(sums[0].item() / n),
+            "mlm_baseline_accuracy": counts.max().item() / n, "num_masked_tokens": int(sums[2].item())}
+
+
+def _load_run(run_dir: str, step: int | None):
+    """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint."""
     from pathlib import Path
 
     from sslscale import checkpoint
     from sslscale.config import load_config
-    from sslscale.objectives import build_objective
-    from sslscale.train import load_manifest_for, seed_everything
 
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():
@@ -135,9 +183,32 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     if folder is None or not checkpoint.is_complete(folder):
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint"
                                 + (f" for step {step}" if step is not None else ""))
+    return cfg, folder
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | None = None,
+                 test_shards: str | None = None, baseline: bool = False,
+                 max_train_samples: int | None = None, max_test_samples: int | None = None,
+                 k: int | None = None) -> dict[str, Any]:
+    """kNN top-1 of a run's encoder at ``step`` (default: latest complete checkpoint), in one
+    process on CPU or the first GPU. Shards and sample limits default to the run's ``eval``
+    config. With ``baseline``, also scores the same architecture at its random init (seeded
+    like the run) as ``random_init_knn_top1``. Raises ``FileNotFoundError`` for a run dir
+    without config or checkpoint, ``ConfigError`` for missing eval shards.
+    """
+    from sslscale import checkpoint
+    from sslscale.objectives import build_objective
+    from sslscale.data.shards import load_manifest_for
+    from sslscale.train import seed_everything
+
+    cfg, folder = _load_run(run_dir, step)
     bank = load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards)
     queries = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     common = dict(device=device, image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
                   k=k or cfg.eval.k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                   max_train_samples=max_train_samples or cfg.eval.max_train_samples,
@@ -147,7 +218,29 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
     if baseline:
         result["random_init_knn_top1"] = knn_eval(objective.to(device), bank, queries, **common)["knn_top1"]
-    objective.load_state_dict(checkpoint.load_module_state(folder, cfg.deepspeed.zero_stage))
+    objective.load_state_dict(checkpoint.load_module_state(folder))
     result.update(knn_eval(objective.to(device), bank, queries, **common))
     result.update(train_shards=bank.root, test_shards=queries.root)
+    return result
+
+
+def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str | None = None,
+                     max_test_samples: int | None = None) -> dict[str, Any]:
+    """``mlm_eval`` of a run's model at ``step`` (default: latest complete checkpoint) on its
+    held-out text shards (``eval.test_shards`` unless given), in one process. Errors as
+    ``evaluate_run``."""
+    from sslscale import checkpoint
+    from sslscale.data.stream import decoder_for
+    from sslscale.objectives import build_objective
+    from sslscale.data.shards import load_manifest_for
+
+    cfg, folder = _load_run(run_dir, step)
+    held_out = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
+    objective = build_objective(cfg)
+    objective.load_state_dict(checkpoint.load_module_state(folder))
+    result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
+    result.update(mlm_eval(objective.to(_device()), held_out, decoder_for(cfg, held_out),
+                           device=_device(), batch_size=cfg.eval.batch_size,
+                           limit=max_test_samples or cfg.eval.max_test_samples))
+    result["test_shards"] = held_out.root
     return result

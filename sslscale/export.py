@@ -1,22 +1,61 @@
-"""The encoder in Hugging Face format: gathered from the engine (ZeRO-3 included), checked, saved.
+"""The encoder in Hugging Face format: gathered from the engine (ZeRO-3 included), checked,
+converted to the published architecture, given its preprocessing, and round-trip checked.
 
-Every checkpoint carries ``encoder/`` (``config.json`` + ``model.safetensors``) that
-``AutoModel.from_pretrained`` loads without sslscale. Under ZeRO-3 the parameters are
-partitioned across ranks; saving ``module.state_dict()`` there writes empty tensors (DeepSpeed
-#3841), so the full weights are gathered first. An export whose tensors are missing, shaped
-unlike the architecture, or all zero is an error, not a folder.
+Two writers live here:
+
+- ``save_encoder`` (called by ``checkpoint.save`` at every save) writes the training encoder as
+  it is (``checkpoints/step-X/encoder/``: e.g. a ``ViTMAEModel``) after ``check_encoder_state``.
+  Under ZeRO-3 the parameters are partitioned across ranks; saving ``module.state_dict()``
+  there writes empty tensors (DeepSpeed #3841), so ``gather_encoder_state`` gathers first. An
+  export whose tensors are missing, shaped unlike the architecture, or all zero is an error.
+- ``publishable_encoder`` + ``save_preprocessing`` + ``round_trip_check`` build what
+  ``sslscale export`` / ``push`` publish (orchestrated in ``sslscale/hub.py``):
+
+  * MAE's ``ViTMAEModel`` is published as a ``ViTModel`` (same weights, same tensor names).
+    A ``ViTMAEModel`` masks ``config.mask_ratio`` of the patches at random and shuffles the
+    kept tokens on every forward, also at inference: loaded with ``AutoModel`` it would return
+    different features for the same image on every call. The ``ViTModel`` sees every patch in
+    order, i.e. exactly what sslscale's kNN evaluation uses (MAE paper, Sec. 4: the encoder is
+    applied to the full set of patches after pretraining).
+  * Contrastive objectives' ``ViTModel`` and MLM's ``BertModel`` are published as they are.
+  * Gray-image encoders (``num_channels == 1``) are published with 3 input channels: the patch
+    projection's weight is split over R, G, B with the ITU-R 601-2 luma weights (0.299, 0.587,
+    0.114, summing to 1, as PIL's ``convert("L")``) and the normalization is repeated, so an RGB
+    copy of a gray image gives the trained features (to float rounding), a color image is seen
+    as its PIL gray conversion, and the model works in ``pipeline("image-feature-extraction")``,
+    which converts every image to RGB.
+
+Dispatch is on the encoder's class (``isinstance``), never on names.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from transformers import (AutoImageProcessor, AutoModel, AutoTokenizer, BertModel, PreTrainedModel,
+                          ViTConfig, ViTMAEModel, ViTModel)
+
+# ViTConfig fields that a ViTMAEConfig shares (the rest are MAE decoder / masking settings).
+_VIT_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+               "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
+               "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "qkv_bias")
+ROUND_TRIP_ATOL = 1e-5  # max |difference| of last_hidden_state, fp32
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> "L"
+# Fixed sentences for the text round trip (any text works; these exercise padding lengths).
+_SENTENCES = ("The encoder was pretrained with masked language modeling.",
+              "Shards are read as resumable streams.",
+              "A checkpoint counts only once every rank has written it, and the latest pointer "
+              "moves after the completion marker exists.")
 
 
 class ExportError(RuntimeError):
-    """The encoder weights to export are empty, incomplete or misshapen."""
+    """The encoder to export is empty, incomplete, misshapen, of an unsupported class, or its
+    exported folder does not reproduce the training encoder's features."""
 
 
 def _prefix(objective: nn.Module, encoder: nn.Module) -> str:
@@ -43,6 +82,8 @@ def check_encoder_state(encoder: nn.Module, state: dict[str, torch.Tensor]) -> N
     shape, and not all of them zero."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in type(encoder)(encoder.config).state_dict().items()}
+    if getattr(encoder, "pooler", True) is None:  # built without its pooler (add_pooling_layer=False)
+        expected = {k: s for k, s in expected.items() if not k.startswith("pooler.")}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ExportError(f"encoder export lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -58,3 +99,166 @@ def save_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], out_dir: st
     check_encoder_state(encoder, state)
     encoder.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
     return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------ published form
+def is_image_encoder(model: PreTrainedModel) -> bool:
+    """True for encoders that take ``pixel_values``, False for ``input_ids`` (transformers'
+    ``main_input_name``)."""
+    return model.main_input_name == "pixel_values"
+
+
+def _vit_from_vit_mae(encoder: ViTMAEModel) -> ViTModel:
+    config = ViTConfig(**{k: getattr(encoder.config, k) for k in _VIT_FIELDS})
+    vit = ViTModel(config, add_pooling_layer=False)
+    vit.load_state_dict(encoder.state_dict(), strict=True)  # identical tensor names and shapes
+    return vit
+
+
+def _gray_to_rgb(vit: ViTModel) -> ViTModel:
+    """The same ViT taking 3 channels: ``W_rgb[:, c] = LUMA[c] * W_gray``, shape (D, 3, p, p)."""
+    config = copy.deepcopy(vit.config)
+    config.num_channels = 3
+    rgb = ViTModel(config, add_pooling_layer=vit.pooler is not None)
+    state = dict(vit.state_dict())
+    key = "embeddings.patch_embeddings.projection.weight"
+    state[key] = state[key] * torch.tensor(LUMA, dtype=state[key].dtype).view(1, 3, 1, 1)
+    rgb.load_state_dict(state, strict=True)
+    return rgb
+
+
+def publishable_encoder(encoder: nn.Module) -> PreTrainedModel:
+    """A new fp32 model in eval mode holding ``encoder``'s weights in its published form (see
+    the module docstring): ``ViTMAEModel`` -> ``ViTModel``; ``ViTModel`` / ``BertModel`` copied;
+    gray ViTs get 3 input channels. ``ExportError`` for any other class."""
+    if isinstance(encoder, ViTMAEModel):
+        model = _vit_from_vit_mae(encoder)
+    elif isinstance(encoder, (ViTModel, BertModel)):
+        model = copy.deepcopy(encoder)
+    else:
+        raise ExportError(f"cannot publish a {type(encoder).__name__}: supported encoders are "
+                          "ViTMAEModel (MAE), ViTModel (contrastive) and BertModel (MLM)")
+    if is_image_encoder(model) and model.config.num_channels == 1:
+        model = _gray_to_rgb(model)
+    return model.float().eval()
+
+
+def save_preprocessing(model: PreTrainedModel, out_dir: Path, *, image_size: int | None = None,
+                       mean=None, std=None, tokenizer_dir: str | Path | None = None) -> None:
+    """Write what ``AutoImageProcessor`` / ``AutoTokenizer`` load next to the model.
+
+    Images: a ``ViTImageProcessor`` that resizes to ``image_size`` (bilinear), rescales to
+    [0, 1], converts to RGB and normalizes with the training ``mean`` / ``std`` ([0, 1] pixel
+    units, repeated to 3 channels for gray-trained models). Text: the tokenizer saved by the
+    data preparation at ``tokenizer_dir``, re-saved with ``model_max_length`` capped at the
+    model's ``max_position_embeddings``. ``ExportError`` names a missing tokenizer folder.
+    """
+    if is_image_encoder(model):
+        from transformers import ViTImageProcessor  # its backend is chosen (and logged) on import
+
+        channels = model.config.num_channels
+        mean, std = list(mean), list(std)
+        if len(mean) == 1 and channels == 3:
+            mean, std = mean * 3, std * 3
+        ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
+                          do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                          image_mean=mean, image_std=std, do_convert_rgb=True).save_pretrained(out_dir)
+        return
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        raise ExportError(f"no tokenizer folder at {tokenizer_dir} (the MLM data preparation "
+                          "saves one at <data.train_shards>/tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.model_max_length = min(tokenizer.model_max_length,
+                                     model.config.max_position_embeddings)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+# --------------------------------------------------------------------------------- round trip
+def fixed_images(num_channels: int, image_size: int, n: int = 4) -> torch.Tensor:
+    """A fixed uint8 batch ``(n, C, S, S)``: seeded noise plus an all-black and an all-white
+    image (the extremes of the normalization)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, num_channels, image_size, image_size), generator=g,
+                           dtype=torch.uint8)
+    images[0], images[-1] = 0, 255
+    return images
+
+
+@contextlib.contextmanager
+def _unmasked(encoder: ViTMAEModel):
+    ratio, encoder.config.mask_ratio = encoder.config.mask_ratio, 0.0
+    try:
+        yield
+    finally:
+        encoder.config.mask_ratio = ratio
+
+
+@torch.no_grad()
+def training_features(encoder: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``last_hidden_state`` ``(B, T, D)`` of the training encoder on ``inputs``, every patch
+    kept and in order for a ``ViTMAEModel`` (increasing noise, mask ratio 0), fp32. Puts
+    ``encoder`` in fp32 and eval mode (in place)."""
+    encoder = encoder.float().eval()
+    if isinstance(encoder, ViTMAEModel):
+        x = inputs["pixel_values"]
+        n = encoder.embeddings.patch_embeddings.num_patches
+        noise = torch.arange(n, dtype=torch.float32).expand(len(x), -1)
+        with _unmasked(encoder):
+            return encoder(pixel_values=x, noise=noise).last_hidden_state
+    return encoder(**inputs).last_hidden_state
+
+
+def _image_inputs(encoder, folder: Path, image_size: int, mean, std):
+    """(training inputs, inputs from the exported AutoImageProcessor) for ``fixed_images``."""
+    from PIL import Image
+
+    channels = encoder.config.num_channels
+    images = fixed_images(channels, image_size)
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    train = {"pixel_values": (images.float() / 255.0 - m) / s}
+    mode = "L" if channels == 1 else "RGB"
+    pil = [Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).squeeze(-1).numpy()), mode)
+           for img in images]
+    processor = AutoImageProcessor.from_pretrained(str(folder))
+    return train, dict(processor(pil, return_tensors="pt"))
+
+
+def _text_inputs(folder: Path, tokenizer_dir: Path, max_positions: int):
+    """(inputs from the training tokenizer, inputs from the exported AutoTokenizer);
+    ``ExportError`` if the two tokenize ``_SENTENCES`` differently."""
+    kwargs = dict(padding=True, truncation=True, max_length=min(64, max_positions), return_tensors="pt")
+    train = dict(AutoTokenizer.from_pretrained(str(tokenizer_dir))(list(_SENTENCES), **kwargs))
+    exported = dict(AutoTokenizer.from_pretrained(str(folder))(list(_SENTENCES), **kwargs))
+    if train.keys() != exported.keys() or any(not torch.equal(train[k], exported[k]) for k in train):
+        raise ExportError(f"the exported tokenizer in {folder} tokenizes differently from {tokenizer_dir}")
+    return train, exported
+
+
+def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int | None = None,
+                     mean=None, std=None, tokenizer_dir: str | Path | None = None,
+                     atol: float = ROUND_TRIP_ATOL) -> float:
+    """Load ``folder`` fresh with ``AutoModel`` (fp32) and ``AutoImageProcessor`` /
+    ``AutoTokenizer``, run a fixed batch through it and through the training ``encoder`` (with
+    the training normalization or tokenizer), and return the max absolute difference of
+    ``last_hidden_state`` ``(B, T, D)``. ``ExportError`` if it exceeds ``atol`` or the shapes
+    differ (e.g. an empty or zero export, a wrong conversion, a wrong normalization)."""
+    folder = Path(folder)
+    if is_image_encoder(encoder):
+        train, exported = _image_inputs(encoder, folder, image_size, mean, std)
+    elif tokenizer_dir is None:
+        raise ExportError("round trip of a text encoder needs the training tokenizer folder")
+    else:
+        train, exported = _text_inputs(folder, Path(tokenizer_dir), encoder.config.max_position_embeddings)
+    loaded = AutoModel.from_pretrained(str(folder), dtype=torch.float32, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        got = loaded(**exported).last_hidden_state
+    want = training_features(encoder, train)
+    if got.shape != want.shape:
+        raise ExportError(f"round trip: {folder} gives features of shape {tuple(got.shape)}, the "
+                          f"training encoder {tuple(want.shape)}")
+    diff = (got - want).abs().max().item()
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(f"round trip: features from {folder} differ from the training encoder's "
+                          f"by {diff:.3g} (> {atol:g}, fp32)")
+    return diff

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from launcher.env import export_env, read_env
-from sslscale.config import ConfigError, load_config, save_config, to_dict
-from sslscale.data.shards import load_manifest
+from sslscale.config import load_config, save_config, to_dict
+from sslscale.data.shards import load_manifest_for
 
 
 def seed_everything(seed: int) -> None:
@@ -25,18 +25,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_manifest_for(key: str, path: str | None):
-    """``load_manifest`` whose error names the config ``key`` that pointed at ``path``."""
-    if not path:
-        raise ConfigError(f"key '{key}' is not set (a folder written by `sslscale data prepare`)")
-    try:
-        return load_manifest(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"key '{key}' = {path}: {e}") from None
+def init_weights_from(objective, folder: Path) -> None:
+    """Load the model weights of checkpoint ``folder`` into ``objective`` before the engine is
+    built (so DeepSpeed's master copies start from them; any world size / ZeRO stage it was saved
+    with). Gathers ZeRO-3 partitions to load. ``FileNotFoundError`` unless it is complete."""
+    from sslscale import checkpoint
+
+    if not checkpoint.is_complete(folder):
+        raise FileNotFoundError(f"train.init_from = {folder}: not a complete checkpoint")
+    state = checkpoint.load_module_state(folder)
+    params = list(objective.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned them at construction
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                objective.load_state_dict(state)
+    else:
+        objective.load_state_dict(state)
 
 
-def make_evaluator(cfg, engine, env):
-    """A collective ``() -> {"knn_top1": ...}`` on the configured labeled shards, or None."""
+def make_evaluator(cfg, engine, env, train_manifest):
+    """A collective ``() -> metrics`` or None: for text data, masked-token accuracy and perplexity
+    on ``eval.test_shards`` (held-out text); for images, kNN top-1 with ``eval.train_shards`` as
+    the bank and ``eval.test_shards`` as the queries."""
+    if train_manifest.modality == "text" and cfg.eval.test_shards:
+        from sslscale.data.stream import decoder_for
+        from sslscale.evaluate import mlm_eval
+
+        held_out = load_manifest_for("eval.test_shards", cfg.eval.test_shards)
+        decode = decoder_for(cfg, held_out)
+        return lambda: mlm_eval(engine.module, held_out, decode, device=engine.device, rank=env.rank,
+                                world_size=env.world_size, batch_size=cfg.eval.batch_size,
+                                limit=cfg.eval.max_test_samples)
     if not (cfg.eval.train_shards and cfg.eval.test_shards):
         return None
     from sslscale.evaluate import knn_eval
@@ -56,7 +76,8 @@ def make_evaluator(cfg, engine, env):
 
 def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     """Train per ``recipe`` + ``overrides``; returns the process exit code."""
-    from sslscale.data.stream import TrainStream, train_loader
+    from sslscale import checkpoint
+    from sslscale.data.stream import TrainStream, decoder_for, train_loader
     from sslscale.engine import build_engine, init_distributed
     from sslscale.metrics import MetricsLogger
     from sslscale.objectives import build_objective
@@ -70,7 +91,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     def make_batches(positions: list[int] | None = None, phase: int = 0):
         stream = TrainStream(manifest, rank=env.rank, world_size=env.world_size,
                              num_workers=cfg.data.num_workers, batch_size=cfg.train.micro_batch_size,
-                             image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
+                             decode=decoder_for(cfg, manifest),
                              seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                              num_streams=cfg.data.num_streams, positions=positions, phase=phase,
                              strict=cfg.data.strict, where=cfg.data.train_shards)
@@ -79,7 +100,16 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     make_batches()  # fail on a bad shard plan before joining the process group
     init_distributed()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, env.world_size, lambda: build_objective(cfg))
+    init_from = None if checkpoint.resolve_resume(cfg.resume, cfg.run_dir) is not None \
+        else cfg.train.init_from
+
+    def build_model():
+        objective = build_objective(cfg)
+        if init_from:
+            init_weights_from(objective, Path(init_from))
+        return objective
+
+    engine = build_engine(cfg, env.world_size, build_model)
     seed_everything(cfg.train.seed + 1000 * env.rank)  # distinct augmentation / masks per rank
     run_dir = Path(cfg.run_dir)
     config_dict = to_dict(cfg)
@@ -87,6 +117,8 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
         save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsLogger(run_dir, enabled=env.is_main, max_steps=cfg.train.max_steps,
                             start_step=0, config=config_dict, wandb_cfg=cfg.wandb, run_name=cfg.name)
+    if init_from:
+        metrics.info(f"initialized the model from {init_from} (train.init_from)")
     metrics.info(f"engine: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {engine.precision}, "
                  f"{engine.device}, world size {env.world_size}, "
                  f"grad accumulation {engine.grad_accum_steps}, {type(engine.optimizer).__name__}")
@@ -94,7 +126,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
         trainer = Trainer(cfg, engine, make_batches=make_batches,
                           samples_per_epoch=manifest.num_samples, metrics=metrics,
                           is_main=env.is_main, config_dict=config_dict,
-                          evaluate=make_evaluator(cfg, engine, env))
+                          evaluate=make_evaluator(cfg, engine, env, manifest))
         state = trainer.fit()
         metrics.info(f"{'stopped' if state.preempted else 'done'}: step {state.step}, "
                      f"{state.samples_seen} samples; run dir {run_dir}")

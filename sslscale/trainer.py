@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from sslscale import checkpoint
+from sslscale import checkpoint, flops
 from sslscale.engine import Engine, apply_schedules
 from sslscale.metrics import MetricsLogger
 
@@ -33,6 +33,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class TrainState:
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0  # global count
+    tokens_seen: int = 0  # global count of input tokens (text objectives)
     preempted: bool = False  # stopped early by a signal, after saving
 
 
@@ -63,31 +64,51 @@ class Trainer:
         fault = os.environ.get(checkpoint.FAULT_ENV, "")
         self._fault = tuple(map(int, fault[9:].split("-"))) if fault.startswith("nan-loss:") else None
         self._window = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, micro-batches
-        self._window_start = (time.perf_counter(), 0)
+        self._window_metrics: dict[str, torch.Tensor] = {}  # the objective's own terms, summed
+        self._window_start = (time.perf_counter(), 0, 0)  # time, step, tokens_seen
+        self._tokens_pending = 0  # this rank's input tokens not yet counted in tokens_seen
+        self._step_hook = getattr(engine.module, "on_step_start", None)  # e.g. MoCo's EMA
+        self._peak_tflops = flops.peak_tflops() if engine.device.type == "cuda" else None
+        self._last_batch: dict[str, torch.Tensor] = {}  # for the FLOP count of logged steps
 
     # ----------------------------------------------------------------------------- resume / save
     def resume(self) -> bool:
-        """Load the checkpoint ``cfg.resume`` points at, if any; True if one was loaded."""
+        """Load the checkpoint ``cfg.resume`` points at, if any; True if one was loaded. One
+        from another world size loads elastically (``checkpoint.load``); another ZeRO stage or
+        model shape raises ``ConfigError``."""
         folder = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
         if folder is None:
             return False
-        checkpoint.check_compatible(folder, torch.distributed.get_world_size(), self.cfg.deepspeed.zero_stage)
-        data = self._restore(folder).get("data", {})
+        world_size = torch.distributed.get_world_size()
+        elastic = checkpoint.check_compatible(folder, world_size, self.cfg.deepspeed.zero_stage,
+                                              self.config_dict)
+        start = time.perf_counter()
+        data = self._restore(folder).get("data", {})  # elastic: via a universal checkpoint
         self.positions = list(data.get("positions", self.positions))
         self._skipped_before = list(data.get("skipped", self._skipped_before))
-        self.metrics.info(f"resumed from {folder} at step {self.state.step}")
+        how = f" on {world_size} rank(s), elastic" if elastic else ""
+        if elastic and self.cfg.deepspeed.zero_stage > 0:
+            how += f" (universal checkpoint {checkpoint.universal_folder(folder)})"
+        self.metrics.info(f"resumed from {folder} at step {self.state.step}{how} in "
+                          f"{time.perf_counter() - start:.1f} s")
         return True
 
     def _restore(self, folder: Path) -> dict[str, Any]:
-        """Engine, RNG, step and samples_seen from ``folder``; returns its client state."""
+        """Engine, RNG, step and samples_seen from ``folder``; returns its client state. An
+        objective keeping state beside its weights drops it (``on_restore``, e.g. MoCo's EMA master)."""
         client = checkpoint.load(self.engine.ds, folder)
-        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]))
+        if hasattr(self.engine.module, "on_restore"):
+            self.engine.module.on_restore()
+        self.state = TrainState(step=int(client["step"]), samples_seen=int(client["samples_seen"]),
+                                tokens_seen=int(client.get("tokens_seen", 0)))
         self._last_saved = self.state.step
         return client
 
     def save(self) -> None:
         start = time.perf_counter()
+        self._sync_tokens()
         client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
+                  "tokens_seen": self.state.tokens_seen,
                   "config": self.config_dict, "data": self.data_state()}
         folder = checkpoint.save(self.engine.ds, self.run_dir, self.state.step, client, self.is_main)
         self._last_saved = self.state.step
@@ -100,17 +121,26 @@ class Trainer:
     def data_state(self) -> dict[str, Any]:
         """Stream positions of all ranks (collective): each rank knows its own streams exactly
         and positions only grow, so the element-wise max over ranks is the global state."""
-        positions, skipped = torch.tensor(self.positions, dtype=torch.long), self.skipped()
+        positions = self._all_reduce(self.positions, torch.distributed.ReduceOp.MAX)
+        return {"num_streams": len(self.positions), "positions": positions, "skipped": self.skipped()}
+
+    def _all_reduce(self, values: list[int], op=torch.distributed.ReduceOp.SUM) -> list[int]:
+        """``values`` reduced over ranks (collective), through the engine's device (NCCL reduces
+        CUDA tensors only)."""
+        t = torch.tensor(values, dtype=torch.long, device=self.engine.device)
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(positions, op=torch.distributed.ReduceOp.MAX)
-        return {"num_streams": len(self.positions), "positions": positions.tolist(), "skipped": skipped}
+            torch.distributed.all_reduce(t, op=op)
+        return t.tolist()
 
     def skipped(self) -> list[int]:
         """Skipped samples and shards of all ranks, all runs (collective)."""
-        mine = torch.tensor([sum(c[i] for c in self._skipped.values()) for i in (0, 1)], dtype=torch.long)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(mine)
-        return [a + b for a, b in zip(self._skipped_before, mine.tolist())]
+        mine = self._all_reduce([sum(c[i] for c in self._skipped.values()) for i in (0, 1)])
+        return [a + b for a, b in zip(self._skipped_before, mine)]
+
+    def _sync_tokens(self) -> None:
+        """Add every rank's pending token counts to ``tokens_seen`` (collective)."""
+        self.state.tokens_seen += self._all_reduce([self._tokens_pending])[0]
+        self._tokens_pending = 0
 
     def _take_data_state(self, batch: dict[str, torch.Tensor]) -> None:
         for stream, k in batch.pop("stream_positions").tolist():
@@ -135,13 +165,21 @@ class Trainer:
         while True:
             batch = next(batches)
             self._take_data_state(batch)
+            tokens = batch["attention_mask"].sum() if "attention_mask" in batch else \
+                batch["input_ids"].numel() if "input_ids" in batch else 0
             batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
-            loss = self.engine.ds(batch).loss
+            self._last_batch = batch
+            out = self.engine.ds(batch)
+            loss = out.loss
             self._micro_batches += 1
             if self._fault is not None and self._fault[0] <= self._micro_batches <= self._fault[1] \
                     and torch.distributed.get_rank() == 0:
                 loss = loss * float("nan")  # tests: SSLSCALE_FAULT_INJECT=nan-loss:A-B
             if not self._any_rank(not torch.isfinite(loss).item()):
+                self._tokens_pending += int(tokens)
+                for name, value in out.metrics.items():
+                    total = self._window_metrics.get(name, 0.0)
+                    self._window_metrics[name] = total + value.detach().double()
                 return loss
             self.skipped_steps += 1
             bad_run += 1
@@ -163,6 +201,8 @@ class Trainer:
 
     def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
         """One optimizer step (``grad_accum_steps`` micro-batches); returns step hyper-params."""
+        if self._step_hook is not None:
+            self._step_hook(self.state.step, self.cfg.train.max_steps)
         for _ in range(self.engine.grad_accum_steps):
             hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)  # after a rollback too
             loss = self._forward(batches)
@@ -174,26 +214,51 @@ class Trainer:
         return hparams
 
     def _log_train(self, hparams: dict[str, float]) -> None:
-        window = self._window.clone()
+        names = sorted(self._window_metrics)
+        window = torch.cat([self._window, torch.stack([self._window_metrics[n] for n in names])]) \
+            if names else self._window.clone()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(window)
-        now, start_step = time.perf_counter(), self._window_start[1]
+        self._sync_tokens()
+        now, (start_time, start_step, start_tokens) = time.perf_counter(), self._window_start
         steps = self.state.step - start_step
         metrics = {
             "train/loss": (window[0] / window[1]).item(),
             "train/lr": hparams["lr"],
             "train/weight_decay": hparams["weight_decay"],
             "train/grad_norm": self.engine.grad_norm(),
-            "perf/samples_per_sec": steps * self.cfg.train.global_batch_size / (now - self._window_start[0]),
+            "perf/samples_per_sec": steps * self.cfg.train.global_batch_size / (now - start_time),
             "train/epoch": self.state.samples_seen / self.samples_per_epoch,
             "samples_seen": self.state.samples_seen,
         }
+        metrics.update({f"train/{n}": (window[2 + i] / window[1]).item() for i, n in enumerate(names)})
+        metrics.update(self._flop_metrics(metrics["perf/samples_per_sec"]))
+        if self.state.tokens_seen:
+            metrics["perf/tokens_per_sec"] = (self.state.tokens_seen - start_tokens) / (now - start_time)
+            metrics["tokens_seen"] = self.state.tokens_seen
         metrics["data/skipped_samples"], metrics["data/skipped_shards"] = self.skipped()
         metrics["train/skipped_steps"] = self.skipped_steps
         self.metrics.log(self.state.step, metrics)
         self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
         self._window.zero_()
-        self._window_start = (time.perf_counter(), self.state.step)
+        self._window_metrics.clear()
+        self._restart_window()
+
+    def _flop_metrics(self, samples_per_sec: float) -> dict[str, float]:
+        """Model TFLOP/s per device (the SSL-aware count of ``sslscale.flops``) and, on a GPU of
+        known peak, ``perf/mfu``."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        model_config = getattr(getattr(self.engine.module, "model", None), "config", None)
+        per_sample = flops.flops_per_sample_of_batch(self.cfg, self._last_batch, world_size=world,
+                                                     vocab_size=getattr(model_config, "vocab_size", None))
+        out = {"perf/model_tflops_per_device": per_sample * samples_per_sec / world / 1e12}
+        if self._peak_tflops:
+            out["perf/mfu"] = flops.mfu(per_sample, samples_per_sec, num_devices=world,
+                                        peak_tflops_per_device=self._peak_tflops)
+        return out
+
+    def _restart_window(self) -> None:
+        self._window_start = (time.perf_counter(), self.state.step, self.state.tokens_seen)
 
     def run_eval(self) -> dict[str, float]:
         if self.evaluate_fn is None:
@@ -202,11 +267,14 @@ class Trainer:
         result = self.evaluate_fn()
         self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in result.items()})
         if self.is_main:
-            out = self.run_dir / "eval" / f"knn-{checkpoint.tag_for(self.state.step)}.json"
+            kind = "mlm" if "mlm_accuracy" in result else "knn"
+            out = self.run_dir / "eval" / f"{kind}-{checkpoint.tag_for(self.state.step)}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"step": self.state.step, **result}) + "\n")
+            line = json.dumps({"step": self.state.step, **result})
+            out.write_text(line + "\n")
+            print(line, flush=True)  # one JSON line per evaluation on stdout
         self.metrics.info(f"eval at step {self.state.step} took {time.perf_counter() - start:.1f} s")
-        self._window_start = (time.perf_counter(), self.state.step)  # keep eval out of throughput
+        self._restart_window()  # keep eval out of throughput
         return result
 
     def _on_signal(self, signum: int, frame) -> None:
@@ -225,7 +293,7 @@ class Trainer:
         # Same world size: the loader's first worker continues where the next one in turn was.
         phase = self.state.step * self.engine.grad_accum_steps
         batches = iter(self.make_batches(self.positions, phase))
-        self._window_start = (time.perf_counter(), self.state.step)
+        self._restart_window()
         while self.state.step < cfg.train.max_steps:
             hparams = self.train_step(batches)
             step = self.state.step

@@ -53,6 +53,31 @@ def real_shards(tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train", "test": root / "test", "source": src}
 
 
+@pytest.fixture(scope="session")
+def text_shards(tmp_path_factory) -> dict[str, Path]:
+    """Real text (the pydoc topics every Python ships) as 64-token blocks with a 1,000-token
+    WordPiece vocabulary: ``train`` (~8 shards) and ``val`` (held-out documents)."""
+    from sslscale.data.text import prepare_text
+
+    root = tmp_path_factory.mktemp("text")
+    prepare_text("pydoc-topics", root, vocab_size=1000, seq_len=64, val_fraction=0.1,
+                 samples_per_shard=200)
+    return {"train": root / "train", "val": root / "val"}
+
+
+MLM_RECIPE = ROOT / "configs" / "demo" / "mlm_bert_tiny_pydocs.yaml"
+TINY_BERT = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+             "model.intermediate_size=64", "model.max_position_embeddings=64",
+             "train.global_batch_size=16", "train.micro_batch_size=8", "train.log_every=1",
+             "data.num_workers=1", "data.num_streams=4", "data.shuffle_buffer=64",
+             "optim.warmup_steps=2", "eval.batch_size=64", "eval.max_test_samples=128"]
+
+
+def tiny_text_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.train_shards={shards['train']}", f"eval.test_shards={shards['val']}",
+            f"run_dir={run_dir}", *TINY_BERT, *extra]
+
+
 def tiny_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
             f"eval.test_shards={shards['test']}", f"run_dir={run_dir}", *TINY, *extra]

@@ -2,8 +2,10 @@
 
 Owns writing samples into numbered tar shards (``shard-000000.tar`` ...) and the manifest that
 describes them: shard file names, sample count per shard, total, sha256 per shard, the source,
-its license, and free-form ``meta`` (image size, channels, classes). Readers and the shard plan
-trust the manifest's counts, so it is written last, atomically, after every shard is closed.
+its license, the ``modality`` (``image``, the default for manifests that predate the field, or
+``text``) and free-form ``meta`` (image size, channels, classes; for text: seq_len, vocab_size,
+num_tokens, tokenizer folder). Readers and the shard plan trust the manifest's counts, so it is
+written last, atomically, after every shard is closed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
     root: str = ""  # folder of the manifest file; not serialized
     created: str = ""
+    modality: str = "image"  # "image" or "text"; manifests without the field are image shards
 
     @property
     def num_samples(self) -> int:
@@ -53,8 +56,8 @@ class Manifest:
         return os.path.join(self.root, name)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "webdataset", "version": 1, "source": self.source,
-                "license": self.license, "created": self.created,
+        return {"format": "webdataset", "version": 1, "modality": self.modality,
+                "source": self.source, "license": self.license, "created": self.created,
                 "num_shards": len(self.shards), "num_samples": self.num_samples,
                 "meta": self.meta, "shards": [asdict(s) for s in self.shards]}
 
@@ -97,7 +100,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         shards = [ShardInfo(**s) for s in raw["shards"]]
         manifest = Manifest(shards=shards, source=raw["source"], license=raw["license"],
                             meta=raw.get("meta", {}), root=str(file.parent),
-                            created=raw.get("created", ""))
+                            created=raw.get("created", ""), modality=raw.get("modality", "image"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{file}: malformed shard manifest ({type(e).__name__}: {e})") from None
     if "num_samples" in raw and raw["num_samples"] != manifest.num_samples:
@@ -121,16 +124,20 @@ class ShardWriter:
     """Write WebDataset samples into ``out_dir/shard-%06d.tar``, ``samples_per_shard`` each.
 
     ``write({"__key__": "000001", "png": b"...", "cls": 3})`` adds a sample; ``close(source,
-    license, meta)`` closes the last shard, hashes every shard and writes the manifest. Use as a
-    context manager only for clean-up on error (the manifest is written by ``close``).
+    license, meta, modality)`` closes the last shard, hashes every shard and writes the manifest.
+    Use as a context manager only for clean-up on error (the manifest is written by ``close``).
+    An integer ``mtime`` (seconds) for every member keeps tarfile from adding a pax header per
+    member, which halves shards of small samples (a 128-token block: 1 KiB instead of 2 KiB).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 10_000):
+    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 10_000,
+                 mtime: int | None = None):
         if samples_per_shard <= 0:
             raise ValueError("samples_per_shard must be > 0")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
+        self.mtime = mtime  # None: each member's write time, a float that costs a 1 KiB pax header
         self.shards: list[ShardInfo] = []
         self._tar: wds.TarWriter | None = None
         self._count = 0
@@ -139,7 +146,7 @@ class ShardWriter:
         self._finish_shard()
         name = f"shard-{len(self.shards):06d}.tar"
         self.shards.append(ShardInfo(name=name, num_samples=0))
-        self._tar = wds.TarWriter(str(self.out_dir / name))
+        self._tar = wds.TarWriter(str(self.out_dir / name), mtime=self.mtime)
         self._count = 0
 
     def _finish_shard(self) -> None:
@@ -165,13 +172,15 @@ class ShardWriter:
             self.write(sample)
         return n
 
-    def close(self, source: str, license: str, meta: dict[str, Any] | None = None) -> Manifest:
+    def close(self, source: str, license: str, meta: dict[str, Any] | None = None,
+              modality: str = "image") -> Manifest:
         self._finish_shard()
         if not self.shards:
             raise ValueError(f"no samples were written to {self.out_dir}")
         manifest = Manifest(shards=self.shards, source=source, license=license,
                             meta=meta or {}, root=str(self.out_dir),
-                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            modality=modality)
         write_manifest(manifest, self.out_dir)
         return manifest
 
@@ -254,3 +263,15 @@ def read_tar_samples(stream, url: str) -> Iterator[dict[str, Any]]:
         sample[ext.lower()] = data
     if sample is not None:
         yield sample
+
+
+def load_manifest_for(key: str, path: str | None):
+    """``load_manifest`` whose error names the config ``key`` that pointed at ``path``."""
+    from sslscale.config import ConfigError
+
+    if not path:
+        raise ConfigError(f"key '{key}' is not set (a folder written by `sslscale data prepare`)")
+    try:
+        return load_manifest(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"key '{key}' = {path}: {e}") from None

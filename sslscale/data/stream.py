@@ -22,7 +22,7 @@ import random
 import subprocess
 import urllib.request
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,9 +30,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.plan import PlanError, check_streams, locate, stream_shards, streams_for
+from sslscale.data.augment import sample_seed
 from sslscale.data.shards import Manifest, read_tar_samples
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
+# decode(raw sample, sample seed) -> example dict (ImageDecoder, sslscale.data.masking.MLMDecoder)
+Decoder = Callable[[dict[str, Any], int], dict[str, Any]]
 
 
 def decode_image(data: bytes, image_size: int, num_channels: int) -> torch.Tensor:
@@ -53,19 +56,39 @@ def decode_image(data: bytes, image_size: int, num_channels: int) -> torch.Tenso
     return torch.from_numpy(array.copy())
 
 
-def to_example(sample: dict[str, Any], image_size: int, num_channels: int) -> dict[str, Any]:
-    """A raw WebDataset sample -> ``{"pixel_values": uint8 (C,S,S), "labels": int (-1 = none)}``."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no "
-                         f"image ({', '.join(IMAGE_KEYS)})")
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return {"pixel_values": decode_image(sample[key], image_size, num_channels), "labels": label}
+class ImageDecoder:
+    """A raw WebDataset sample -> ``{"pixel_values": uint8 (C, S, S), "labels": int (-1 = none),
+    "sample_seeds": int}``. Raises ``ValueError`` naming the sample and shard if it has no image,
+    and PIL's errors on undecodable bytes. ``seed`` is the sample's augmentation seed."""
+
+    def __init__(self, image_size: int, num_channels: int):
+        self.image_size, self.num_channels = image_size, num_channels
+
+    def __call__(self, sample: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no "
+                             f"image ({', '.join(IMAGE_KEYS)})")
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return {"pixel_values": decode_image(sample[key], self.image_size, self.num_channels),
+                "labels": label, "sample_seeds": seed}
+
+
+def decoder_for(cfg, manifest: Manifest) -> Decoder:
+    """The decoder for ``manifest``'s modality: token blocks + MLM masking for text
+    (``sslscale.data.masking.MLMDecoder``), images resized to ``model.image_size`` otherwise."""
+    if manifest.modality == "text":
+        from sslscale.data.masking import MLMDecoder
+
+        return MLMDecoder.from_config(cfg, manifest)
+    return ImageDecoder(cfg.model.image_size, cfg.model.num_channels)
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long)}
+    """Stack tensors, make int64 tensors of ints (keys of the first example)."""
+    return {k: torch.stack([e[k] for e in examples]) if isinstance(v, torch.Tensor)
+            else torch.tensor([e[k] for e in examples], dtype=torch.long)
+            for k, v in examples[0].items()}
 
 
 class DataStats:
@@ -192,22 +215,24 @@ class StreamReader:
             epoch, j = epoch + 1, 0
 
 
-def decode_or_skip(sample: dict[str, Any] | None, image_size: int, num_channels: int,
+def decode_or_skip(sample: dict[str, Any] | None, decode: Decoder, seed: int,
                    stats: DataStats) -> dict[str, Any] | None:
-    """``to_example(sample)``, or None (counted in ``stats``) for a missing or undecodable one."""
+    """``decode(sample, seed)``, or None (counted in ``stats``) for a missing or undecodable one."""
     if sample is None:
         return None
     try:
-        return to_example(sample, image_size, num_channels)
-    except Exception as e:  # undecodable image, missing image member
+        return decode(sample, seed)
+    except Exception as e:  # undecodable image, missing member
         stats.skip(f"sample {sample.get('__key__')}", sample.get("__url__", "?"), e, 1)
         return None
 
 
 class TrainStream(IterableDataset):
-    """Endless micro-batches for one rank: ``{"pixel_values": uint8 (B, C, S, S), "labels": (B,),
-    "stream_positions": (n, 2) int64 rows of (stream, samples yielded), "data_skipped": (3,)
-    int64 (worker, skipped samples, skipped shards)}``.
+    """Endless micro-batches for one rank: the collated examples of ``decode`` (images:
+    ``pixel_values`` uint8 (B, C, S, S), ``labels`` (B,); text: ``input_ids``, ``labels`` (B, L))
+    with ``sample_seeds`` (B,) int64 (``augment.sample_seed`` of each sample's stream slot, for
+    per-sample augmentation / masking), ``stream_positions`` (n, 2) int64 rows of (stream, samples
+    yielded) and ``data_skipped`` (3,) int64 (worker, skipped samples, skipped shards).
 
     Each data-loader worker reads its virtual streams (``launcher.plan.streams_for``) from
     ``positions`` and interleaves them, always taking the stream that is least advanced.
@@ -215,13 +240,13 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, manifest: Manifest, *, rank: int, world_size: int, num_workers: int,
-                 batch_size: int, image_size: int, num_channels: int, seed: int,
+                 batch_size: int, decode: Decoder, seed: int,
                  shuffle_buffer: int, num_streams: int, positions: list[int] | None = None,
                  phase: int = 0, strict: bool = False, where: str = ""):
         check_streams(len(manifest.shards), num_streams, world_size, num_workers, where or manifest.root)
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.num_workers, self.batch_size = num_workers, batch_size
-        self.image_size, self.num_channels = image_size, num_channels
+        self.decode = decode
         self.seed, self.shuffle_buffer, self.num_streams = seed, shuffle_buffer, num_streams
         self.positions = list(positions) if positions is not None else [0] * num_streams
         if len(self.positions) != num_streams:
@@ -241,7 +266,7 @@ class TrainStream(IterableDataset):
         while True:
             s = min(streams, key=lambda t: (k[t], t))
             sample, k[s] = next(readers[s])
-            example = decode_or_skip(sample, self.image_size, self.num_channels, stats)
+            example = decode_or_skip(sample, self.decode, sample_seed(self.seed, s, k[s]), stats)
             if example is not None:
                 yield example, s, k[s]
 
@@ -262,6 +287,15 @@ class TrainStream(IterableDataset):
             yield out
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave SIGTERM / SIGUSR1 to their rank, which saves and then stops
+    them (Slurm and ``kill -TERM -PGID`` signal every process of the job)."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def train_loader(stream: TrainStream) -> DataLoader:
     """A ``DataLoader`` over ``stream``'s workers (batches are made inside the workers)."""
     # Its own generator: creating the iterator must not draw from the global RNG, whose state
@@ -269,16 +303,17 @@ def train_loader(stream: TrainStream) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
                       persistent_workers=stream.num_workers > 0,
                       prefetch_factor=4 if stream.num_workers > 0 else None,
+                      worker_init_fn=_ignore_stop_signals,
                       generator=torch.Generator().manual_seed(stream.seed))
 
 
 def eval_batches(manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
-                 image_size: int, num_channels: int, limit: int | None = None
-                 ) -> Iterator[dict[str, torch.Tensor]]:
+                 decode: Decoder, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Every sample once (the first ``limit`` if given), in manifest order, this rank's share
-    (sample ``i`` goes to rank ``i % world_size``), in batches of up to ``batch_size``."""
+    (sample ``i`` goes to rank ``i % world_size``), in batches of up to ``batch_size``, decoded
+    with seed ``i`` (so masks of a held-out set are the same at every evaluation)."""
     total = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
     samples = itertools.chain.from_iterable(_open_at(manifest, i, 0) for i in range(len(manifest.shards)))
-    mine = (s for i, s in enumerate(itertools.islice(samples, total)) if i % world_size == rank)
-    while batch := [to_example(s, image_size, num_channels) for s in itertools.islice(mine, batch_size)]:
+    mine = ((s, i) for i, s in enumerate(itertools.islice(samples, total)) if i % world_size == rank)
+    while batch := [decode(s, i) for s, i in itertools.islice(mine, batch_size)]:
         yield collate(batch)

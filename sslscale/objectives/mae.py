@@ -2,7 +2,8 @@
 
 Follows He et al., "Masked Autoencoders Are Scalable Vision Learners" (CVPR 2022,
 arXiv 2111.06377) and its reference code: random resized crop + horizontal flip, a random
-``mask_ratio`` of patches hidden from the encoder, a light decoder reconstructing the pixels of
+``mask_ratio`` of patches hidden from the encoder (crop, flip and mask drawn per sample from
+its seed, see ``sslscale.data.augment``), a light decoder reconstructing the pixels of
 the hidden patches, MSE on the masked patches only, optionally against per-patch normalized
 pixels (``norm_pix_loss``). The model is transformers' ``ViTMAEForPreTraining`` with SDPA
 attention, so the encoder exports as a ``ViTMAEModel`` that ``AutoModel`` loads.
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 
-import kornia.augmentation as K
 import torch
 from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
+from sslscale.data.augment import MASK, ViewAugment, ViewConfig, random_seeds, uniform
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.registry import OBJECTIVES
 
@@ -84,35 +85,10 @@ def init_mae_weights(model: ViTMAEForPreTraining) -> None:
         nn.init.normal_(model.decoder.mask_token, std=0.02)
 
 
-class PixelTransform(nn.Module):
-    """uint8 images ``(B, C, H, W)`` -> normalized float ``(B, C, S, S)`` on their device.
-
-    With ``augment`` applies kornia's random resized crop (``crop_scale`` of the area, aspect
-    3/4..4/3) and horizontal flip; without, only resizes. Normalizes with ``mean``/``std``
-    given in [0, 1] pixel units, per channel.
-    """
-
-    def __init__(self, image_size: int, mean, std, crop_scale=(0.2, 1.0), hflip: bool = True):
-        super().__init__()
-        self.size = (image_size, image_size)
-        augs = [K.RandomResizedCrop(self.size, scale=tuple(crop_scale))]
-        if hflip:
-            augs.append(K.RandomHorizontalFlip())
-        self.augment = K.AugmentationSequential(*augs)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if augment:
-            x = self.augment(x)
-        elif x.shape[-2:] != self.size:
-            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", antialias=True)
-        return (x - self.mean) / self.std
-
-
 class MAEObjective(nn.Module):
-    """MAE on ``batch["pixel_values"]``: uint8 ``(B, C, H, W)`` or float in [0, 1].
+    """MAE on ``batch["pixel_values"]``: uint8 ``(B, C, H, W)`` or float in [0, 1], with
+    ``batch["sample_seeds"]`` ``(B,)`` int64 (optional): crop, flip and patch mask are drawn per
+    sample from it (``sslscale.data.augment``), from torch's RNG without it.
 
     ``forward`` returns the masked-patch reconstruction loss (scalar). ``features`` returns the
     mean of the encoder's final patch tokens over *all* patches (no masking), shape
@@ -123,15 +99,20 @@ class MAEObjective(nn.Module):
         super().__init__()
         self.model = ViTMAEForPreTraining(vit_mae_config(cfg))
         init_mae_weights(self.model)
-        self.transform = PixelTransform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
-                                        cfg.objective.crop_scale, cfg.objective.hflip)
+        view = ViewConfig(crop_scale=tuple(cfg.objective.crop_scale), hflip=cfg.objective.hflip)
+        self.transform = ViewAugment(cfg.model.image_size, cfg.data.mean, cfg.data.std, [view])
 
-    def _inputs(self, batch: dict[str, torch.Tensor], augment: bool) -> torch.Tensor:
-        dtype = self.model.vit.embeddings.patch_embeddings.projection.weight.dtype
-        return self.transform(batch["pixel_values"], augment).to(dtype)
+    def _dtype(self) -> torch.dtype:
+        return self.model.vit.embeddings.patch_embeddings.projection.weight.dtype
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        out = self.model(pixel_values=self._inputs(batch, augment=self.training))
+        images = batch["pixel_values"]
+        seeds = batch.get("sample_seeds")
+        seeds = random_seeds(len(images), images.device) if seeds is None else seeds
+        x = self.transform(images, seeds, augment=self.training).to(self._dtype())
+        # ViTMAE keeps the patches with the smallest noise: a per-sample random mask
+        noise = uniform(seeds, self.model.vit.embeddings.patch_embeddings.num_patches, MASK)
+        out = self.model(pixel_values=x, noise=noise)
         return ObjectiveOutput(loss=out.loss)
 
     def encoder(self) -> nn.Module:
@@ -147,7 +128,7 @@ class MAEObjective(nn.Module):
             config.mask_ratio = ratio
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self._inputs(batch, augment=False)
+        x = self.transform(batch["pixel_values"], augment=False).to(self._dtype())
         num_patches = self.model.vit.embeddings.patch_embeddings.num_patches
         # Increasing noise keeps every patch in its place: the encoder sees the whole image.
         noise = torch.arange(num_patches, device=x.device, dtype=torch.float32).expand(len(x), -1)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from launcher.plan import Epochs
-from sslscale.data.stream import DataStats, StreamReader, TrainStream, decode_or_skip
+from sslscale.data.stream import DataStats, ImageDecoder, StreamReader, TrainStream, decode_or_skip
 
 from .test_plan import write_shards
 
@@ -26,7 +26,7 @@ def first_epoch(manifest):
     with pytest.warns(UserWarning, match="skipping"):
         for s in range(4):
             for sample, k in StreamReader(manifest, s, num_streams=4, seed=0, block=4, k=0, stats=stats):
-                example = decode_or_skip(sample, 2, 1, stats)
+                example = decode_or_skip(sample, ImageDecoder(2, 1), 0, stats)
                 if example is not None:
                     labels.append(example["labels"])
                 if k == cut:
@@ -62,8 +62,8 @@ def test_missing_shard_and_strict(tmp_path):
     labels, stats = first_epoch(manifest)
     assert labels == list(range(6, 24))
     assert (stats.skipped_samples, stats.skipped_shards) == (6, 1)
-    strict = TrainStream(manifest, rank=0, world_size=1, num_workers=0, batch_size=4, image_size=2,
-                         num_channels=1, seed=0, shuffle_buffer=4, num_streams=4, strict=True)
+    strict = TrainStream(manifest, rank=0, world_size=1, num_workers=0, batch_size=4,
+                         decode=ImageDecoder(2, 1), seed=0, shuffle_buffer=4, num_streams=4, strict=True)
     with pytest.raises(RuntimeError, match="data.strict=true.*shard-000000.tar"):
         next(iter(strict))
 

@@ -1,6 +1,12 @@
 import json
 
+import pytest
+
+from launcher.cli import _preflight
 from sslscale import checkpoint
+from sslscale.config import ConfigError, load_config, to_dict
+
+from ..conftest import DEMO_RECIPE, tiny_overrides
 
 
 def fake_checkpoint(run_dir, step, complete=True):
@@ -35,3 +41,48 @@ def test_truncated_file_makes_a_checkpoint_incomplete(tmp_path):
     assert checkpoint.find_latest(tmp_path) == old
     rows = checkpoint.describe(tmp_path)
     assert [(r["step"], r["complete"], r["world_size"]) for r in rows] == [(2, False, None), (1, True, 2)]
+
+
+def config(*overrides):
+    return to_dict(load_config(None, ["model.hidden_size=64", *overrides]))
+
+
+def test_other_world_size_is_elastic_other_stage_or_shape_is_an_error(tmp_path):
+    folder = fake_checkpoint(tmp_path, 10)  # 2 ranks, ZeRO-1
+    marker = json.loads((folder / checkpoint.MARKER).read_text())
+    marker["model"] = checkpoint.model_signature(config())
+    (folder / checkpoint.MARKER).write_text(json.dumps(marker))
+
+    assert checkpoint.check_compatible(folder, 2, 1, config()) is False
+    assert checkpoint.check_compatible(folder, 1, 1, config()) is True
+    assert checkpoint.check_compatible(folder, 4, 1) is True  # no config: shapes are not compared
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage.*ZeRO-1.*ZeRO-2"):
+        checkpoint.check_compatible(folder, 1, 2, config())
+    with pytest.raises(ConfigError, match=r"'model.hidden_size'.*64.*128"):
+        checkpoint.check_compatible(folder, 1, 1, config("model.hidden_size=128"))
+    with pytest.raises(ConfigError, match=r"'objective.projection_dim'.*256.*128"):
+        checkpoint.check_compatible(folder, 1, 1, config("objective.projection_dim=128"))
+    with pytest.raises(ConfigError, match=r"'objective.name'.*'mae'.*'simclr'"):
+        checkpoint.check_compatible(folder, 1, 1, config("objective.name=simclr"))
+    # Not shapes: the attention kernel or the mask ratio may change on resume.
+    assert checkpoint.check_compatible(folder, 1, 1, config("model.attn_implementation=eager",
+                                                            "objective.mask_ratio=0.5")) is True
+
+
+def test_retention_deletes_the_universal_copy_with_its_checkpoint(tmp_path):
+    for s in (1, 2, 3):
+        fake_checkpoint(tmp_path, s)
+        cache = checkpoint.universal_folder(checkpoint.checkpoints_dir(tmp_path) / checkpoint.tag_for(s))
+        (cache / "zero").mkdir(parents=True)
+    checkpoint.retain(tmp_path, keep_last=1)
+    universal = checkpoint.checkpoints_dir(tmp_path) / checkpoint.UNIVERSAL
+    assert steps(tmp_path) == [3]
+    assert sorted(p.name for p in universal.iterdir()) == [checkpoint.tag_for(3)]
+
+
+def test_preflight_allows_another_world_size_not_another_stage(real_shards, tmp_path):
+    fake_checkpoint(tmp_path, 5)  # written by 2 ranks with ZeRO-1
+    overrides = tiny_overrides(real_shards, tmp_path, "deepspeed.zero_stage=1")
+    _preflight(str(DEMO_RECIPE), overrides, world_size=1)
+    with pytest.raises(ConfigError, match="ZeRO-1.*ZeRO-3"):
+        _preflight(str(DEMO_RECIPE), [*overrides, "deepspeed.zero_stage=3"], world_size=1)

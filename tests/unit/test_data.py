@@ -8,7 +8,7 @@ from PIL import Image
 from launcher.plan import PlanError
 from sslscale.data.shards import ShardWriter, load_manifest
 from sslscale.data.sources import prepare, read_idx, FASHION_MNIST_DIR
-from sslscale.data.stream import TrainStream, eval_batches, train_loader
+from sslscale.data.stream import ImageDecoder, TrainStream, eval_batches, train_loader
 
 
 @pytest.fixture
@@ -38,10 +38,10 @@ def test_writer_manifest_counts_and_hashes(image_folder, tmp_path):
 def test_eval_reader_returns_every_sample_once_in_order(image_folder, tmp_path):
     manifest = prepare("image-folder", tmp_path / "out", input_dir=str(image_folder), samples_per_shard=3)
     labels = [int(y) for b in eval_batches(manifest, rank=0, world_size=1, batch_size=4,
-                                           image_size=16, num_channels=3) for y in b["labels"]]
+                                           decode=ImageDecoder(16, 3)) for y in b["labels"]]
     assert sorted(labels) == [0] * 3 + [1] * 7 and labels != sorted(labels)  # written shuffled
     shares = [[int(y) for b in eval_batches(manifest, rank=r, world_size=3, batch_size=2,
-                                            image_size=16, num_channels=3) for y in b["labels"]]
+                                            decode=ImageDecoder(16, 3)) for y in b["labels"]]
               for r in range(3)]
     assert sum(len(s) for s in shares) == 10 and len(shares[0]) == 4
 
@@ -53,7 +53,7 @@ def test_png_round_trip_is_lossless_on_real_fashion_mnist(tmp_path):
     assert [s.num_samples for s in manifest.shards] == [40, 40, 20]
     images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:100]
     labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:100]
-    batches = list(eval_batches(manifest, rank=0, world_size=1, batch_size=64, image_size=28, num_channels=1))
+    batches = list(eval_batches(manifest, rank=0, world_size=1, batch_size=64, decode=ImageDecoder(28, 1)))
     pixels = np.concatenate([b["pixel_values"].numpy() for b in batches])
     assert pixels.shape == (100, 1, 28, 28)
     np.testing.assert_array_equal(pixels[:, 0], images)
@@ -62,8 +62,8 @@ def test_png_round_trip_is_lossless_on_real_fashion_mnist(tmp_path):
 
 def test_train_stream_batches_and_epochs(image_folder, tmp_path):
     manifest = prepare("image-folder", tmp_path / "out", input_dir=str(image_folder), samples_per_shard=2)
-    stream = TrainStream(manifest, rank=0, world_size=1, num_workers=0, batch_size=4, image_size=16,
-                         num_channels=3, seed=0, shuffle_buffer=8, num_streams=5)
+    stream = TrainStream(manifest, rank=0, world_size=1, num_workers=0, batch_size=4,
+                         decode=ImageDecoder(16, 3), seed=0, shuffle_buffer=8, num_streams=5)
     it = iter(train_loader(stream))
     batches = [next(it) for _ in range(5)]  # 20 samples = two epochs of 10 (5 equal shards)
     assert all(b["pixel_values"].shape == (4, 3, 16, 16) for b in batches)
@@ -75,8 +75,8 @@ def test_train_stream_batches_and_epochs(image_folder, tmp_path):
 def test_streams_that_cannot_be_dealt_are_an_error_not_a_hang(image_folder, tmp_path):
     manifest = prepare("image-folder", tmp_path / "out", input_dir=str(image_folder), samples_per_shard=5)
     with pytest.raises(PlanError, match=r"data.num_streams=2 cannot be dealt evenly to 2 rank\(s\) x 2"):
-        TrainStream(manifest, rank=0, world_size=2, num_workers=2, batch_size=2, image_size=8,
-                    num_channels=1, seed=0, shuffle_buffer=1, num_streams=2)
+        TrainStream(manifest, rank=0, world_size=2, num_workers=2, batch_size=2,
+                    decode=ImageDecoder(8, 1), seed=0, shuffle_buffer=1, num_streams=2)
 
 
 def test_missing_manifest_names_the_path(tmp_path):

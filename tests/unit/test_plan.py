@@ -11,7 +11,7 @@ from PIL import Image
 
 from launcher.plan import Epochs, PlanError, check_streams, describe, epoch_order, locate, stream_shards
 from sslscale.data.shards import ShardWriter
-from sslscale.data.stream import DataStats, TrainStream, train_loader
+from sslscale.data.stream import DataStats, ImageDecoder, TrainStream, train_loader
 
 PNG = io.BytesIO()
 Image.fromarray(np.zeros((2, 2), np.uint8)).save(PNG, format="PNG")
@@ -30,7 +30,7 @@ def write_shards(root, counts):
 
 def stream(manifest, world, workers, rank, v, **kw):
     return TrainStream(manifest, rank=rank, world_size=world, num_workers=workers, batch_size=kw.pop("b", 3),
-                       image_size=2, num_channels=1, seed=kw.pop("seed", 0),
+                       decode=ImageDecoder(2, 1), seed=kw.pop("seed", 0),
                        shuffle_buffer=kw.pop("block", 4), num_streams=v, **kw)
 
 

@@ -1,0 +1,194 @@
+"""Model FLOPs of self-supervised training steps, GPU peak throughput, and MFU.
+
+Owns the analytic count of training FLOPs per sample for every objective, done the way the SSL
+papers' compute actually runs (not "6 x parameters x tokens", which is wrong for all of them):
+
+- MAE (He et al., arXiv 2111.06377): the patch embedding on all patches, the encoder on the
+  *visible* tokens (+ CLS) only, the decoder on all tokens.
+- MLM (BERT, arXiv 1810.04805, head as NVIDIA's dense_seq_output / MosaicBERT): the encoder on
+  every position, the prediction head (transform + vocabulary projection) on the masked
+  positions only.
+- Two-view objectives (SimCLR arXiv 2002.05709, MoCo v3 arXiv 2104.02057, SimSiam arXiv
+  2011.10566): both views through encoder and heads, MoCo's momentum encoder + projector forward
+  only, and the contrastive logits against all gathered columns.
+
+Conventions (those of the PaLM paper's MFU, arXiv 2204.02311, appendix B): only matrix
+multiplications count (2 FLOPs per multiply-add), attention included (``4 T^2 h`` per layer);
+a backward pass costs twice its forward, except where the input needs no gradient (the patch
+embedding of the pixels: weight gradient only, 1x) or nothing is trained (momentum branch: 0x).
+Recomputation (the tiled InfoNCE's second pass, activation checkpointing) is not model FLOPs.
+``tests/unit/test_flops.py`` checks these counts against ``torch.utils.flop_counter``.
+"""
+
+from __future__ import annotations
+
+import os
+
+TRAIN, FROZEN = 3.0, 1.0  # forward + backward (input and weight gradients); forward only
+PATCH_TRAIN = 2.0  # forward + weight gradient: the pixels need no gradient
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, in TFLOP/s, by device-name fragment.
+# Checked in order: the first fragment found in ``torch.cuda.get_device_name()`` wins.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A10G", 70.0), ("L40S", 362.0), ("L4", 121.0),
+]
+PEAK_ENV = "SSLSCALE_PEAK_TFLOPS"
+
+
+def transformer_flops(tokens: int, hidden: int, intermediate: int, layers: int) -> float:
+    """Forward FLOPs of ``layers`` pre/post-norm transformer layers on one sequence of ``tokens``.
+
+    Per layer: Q, K, V and output projections ``2 T 4h^2``, MLP ``2 T 2hi``, attention scores
+    and weighted values ``4 T^2 h``."""
+    t, h = float(tokens), float(hidden)
+    return layers * (2 * t * (4 * h * h + 2 * h * intermediate) + 4 * t * t * h)
+
+
+def linear_flops(tokens: float, d_in: int, d_out: int) -> float:
+    """Forward FLOPs of a linear layer ``(tokens, d_in) -> (tokens, d_out)``."""
+    return 2.0 * tokens * d_in * d_out
+
+
+def _patches(m) -> tuple[int, int]:
+    """(number of patches, pixels per patch x channels) of the recipe's ViT."""
+    if m.image_size % m.patch_size:
+        raise ValueError(f"model.image_size={m.image_size} is not a multiple of "
+                         f"model.patch_size={m.patch_size}")
+    return (m.image_size // m.patch_size) ** 2, m.patch_size ** 2 * m.num_channels
+
+
+def mae_flops_per_sample(cfg) -> float:
+    """Training FLOPs per image of MAE (transformers ``ViTMAEForPreTraining``'s computation).
+
+    Encoder tokens ``int(N (1 - mask_ratio)) + 1`` (the CLS token), decoder tokens ``N + 1``."""
+    m = cfg.model
+    n, patch_dim = _patches(m)
+    visible = int(n * (1 - cfg.objective.mask_ratio)) + 1
+    encoder = transformer_flops(visible, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
+    decoder = (linear_flops(visible, m.hidden_size, m.decoder_hidden_size)
+               + transformer_flops(n + 1, m.decoder_hidden_size, m.decoder_intermediate_size,
+                                   m.decoder_num_hidden_layers)
+               + linear_flops(n + 1, m.decoder_hidden_size, patch_dim))
+    return PATCH_TRAIN * linear_flops(n, patch_dim, m.hidden_size) + TRAIN * (encoder + decoder)
+
+
+def mlm_flops_per_sample(cfg, *, seq_len: int, vocab_size: int,
+                         masked_per_sample: float | None = None) -> float:
+    """Training FLOPs per sequence of BERT MLM with the head on the masked positions only.
+
+    ``seq_len``: tokens per sequence as computed (padded length); ``vocab_size``: the output
+    vocabulary; ``masked_per_sample``: predicted tokens per sequence (measured from the labels;
+    default ``objective.mlm_probability * seq_len``). Raises ``ValueError`` for ``seq_len < 1``."""
+    if seq_len < 1 or vocab_size < 1:
+        raise ValueError(f"mlm_flops_per_sample: seq_len={seq_len} and vocab_size={vocab_size} "
+                         "must be >= 1")
+    m = cfg.model
+    k = cfg.objective.mlm_probability * seq_len if masked_per_sample is None else masked_per_sample
+    encoder = transformer_flops(seq_len, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
+    head = linear_flops(k, m.hidden_size, m.hidden_size) + linear_flops(k, m.hidden_size, vocab_size)
+    return TRAIN * (encoder + head)
+
+
+def _mlp_flops(dims: list[int]) -> float:
+    return sum(linear_flops(1, a, b) for a, b in zip(dims, dims[1:]))
+
+
+def two_view_flops_per_sample(cfg, *, columns: int) -> float:
+    """Training FLOPs per image (two views) of ``simclr``, ``moco_v3`` or ``simsiam``.
+
+    ``columns``: images whose embeddings the loss compares against (the gathered micro-batch:
+    ``micro_batch_size x world_size`` with ``objective.negatives=global``). SimCLR's logits are
+    ``2B x 2N`` with gradients to both sides; MoCo v3's two losses ``B x N`` each with gradients
+    to the queries only. Raises ``ValueError`` for an objective that is not two-view."""
+    m, o = cfg.model, cfg.objective
+    n, patch_dim = _patches(m)
+    h, p, d, q = m.hidden_size, o.projection_hidden_dim, o.projection_dim, o.predictor_hidden_dim
+    backbone = transformer_flops(n + 1, h, m.intermediate_size, m.num_hidden_layers)
+    patch = linear_flops(n, patch_dim, h)
+    view = PATCH_TRAIN * patch + TRAIN * backbone
+    if o.name == "simclr":
+        view += TRAIN * _mlp_flops([h, p, d])
+        # logits 2B x 2N x d: forward + both gradients, per image (2 rows each)
+        return 2 * view + TRAIN * 2 * 2 * linear_flops(1, d, columns)
+    if o.name not in ("moco_v3", "simsiam"):
+        raise ValueError(f"two_view_flops_per_sample: objective.name={o.name!r} is not one of "
+                         "simclr, moco_v3, simsiam")
+    view += TRAIN * (_mlp_flops([h, p, p, d]) + _mlp_flops([d, q, d]))
+    if o.name == "simsiam":
+        return 2 * view
+    momentum = FROZEN * (patch + backbone + _mlp_flops([h, p, p, d]))
+    # two losses, each B query rows x N keys x d: forward + the queries' gradient
+    return 2 * (view + momentum) + 2 * 2.0 * linear_flops(1, d, columns)
+
+
+def flops_per_sample(cfg, **data) -> float:
+    """Training FLOPs per sample for ``cfg.objective.name``; ``data`` holds what the data decides:
+    ``seq_len``, ``vocab_size`` (and optionally ``masked_per_sample``) for MLM, ``columns`` for
+    two-view objectives. Raises ``ValueError`` naming ``objective.name`` if unknown."""
+    name = cfg.objective.name
+    if name == "mae":
+        return mae_flops_per_sample(cfg)
+    if name == "mlm":
+        return mlm_flops_per_sample(cfg, **data)
+    if name in ("simclr", "moco_v3", "simsiam"):
+        return two_view_flops_per_sample(cfg, **data)
+    raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
+                     "(known: mae, mlm, simclr, moco_v3, simsiam)")
+
+
+def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
+                              vocab_size: int | None = None) -> float:
+    """:func:`flops_per_sample` with what the data decides read from one micro-batch.
+
+    MLM: ``seq_len`` from ``input_ids`` ``(B, L)``, ``masked_per_sample`` from ``labels != -100``
+    (a host sync: call it on logging steps), ``vocab_size`` from the argument or
+    ``model.vocab_size``. Two-view: ``columns`` = ``B x world_size`` with
+    ``objective.negatives=global``, else ``B``. Raises ``ValueError`` for an MLM batch without
+    a known vocabulary size."""
+    name = cfg.objective.name
+    if name == "mlm":
+        ids, labels = batch["input_ids"], batch["labels"]
+        vocab = vocab_size or cfg.model.vocab_size
+        if not vocab:
+            raise ValueError("flops_per_sample_of_batch: pass vocab_size (model.vocab_size is 0)")
+        masked = (labels != -100).sum().item() / max(len(labels), 1)
+        return mlm_flops_per_sample(cfg, seq_len=ids.shape[1], vocab_size=vocab,
+                                    masked_per_sample=masked)
+    if name in ("simclr", "moco_v3", "simsiam"):
+        local = len(batch["pixel_values"])
+        columns = local * world_size if cfg.objective.negatives == "global" else local
+        return two_view_flops_per_sample(cfg, columns=columns)
+    return flops_per_sample(cfg)
+
+
+def peak_tflops(device_name: str | None = None, override: float | None = None) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device: ``override``, else ``$SSLSCALE_PEAK_TFLOPS``, else
+    the table entry whose fragment is in ``device_name`` (default: the current CUDA device's name).
+    ``None`` when unknown (CPU, an unlisted GPU): MFU is then not reported."""
+    if override:
+        return float(override)
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV])
+    if device_name is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for fragment, tflops in PEAK_BF16_TFLOPS:
+        if fragment in device_name:
+            return tflops
+    return None
+
+
+def mfu(flops_per_sample: float, samples_per_sec: float, *, num_devices: int,
+        peak_tflops_per_device: float) -> float:
+    """Model FLOPs utilization in [0, 1]: achieved model FLOP/s over the devices' peak.
+
+    ``samples_per_sec``: global training throughput; ``num_devices``: devices sharing it.
+    Raises ``ValueError`` for a non-positive peak or device count."""
+    if peak_tflops_per_device <= 0 or num_devices < 1:
+        raise ValueError(f"mfu: peak_tflops_per_device={peak_tflops_per_device} and "
+                         f"num_devices={num_devices} must be positive")
+    return flops_per_sample * samples_per_sec / (num_devices * peak_tflops_per_device * 1e12)

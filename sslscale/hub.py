@@ -1,0 +1,208 @@
+"""``sslscale export`` and ``sslscale push``: a run's checkpoint -> a Hugging Face model folder
+(encoder + preprocessing + model card), round-trip checked, then optionally uploaded.
+
+Export restores the objective from the checkpoint's DeepSpeed state (``load_module_state``:
+ZeRO-3 shards consolidated to fp32), converts its ``encoder()`` to the published form
+(``sslscale.export.publishable_encoder``), writes ``config.json`` + ``model.safetensors`` +
+``preprocessor_config.json`` or the tokenizer files + ``README.md`` into a temporary folder next
+to ``--out``, checks that the folder loaded fresh with the Auto classes reproduces the training
+encoder's features (``round_trip_check``), and only then renames it to ``--out``.
+
+Push exports into a temporary folder the same way, then ``HfApi.create_repo(exist_ok=True)``
+(+ ``create_branch`` for ``--revision``) and ``upload_folder`` with a commit message naming the
+step, and records the model card's link in the run's wandb run. The token is never handled
+here: huggingface_hub reads ``HF_TOKEN`` or the user's ``hf auth login``; sslscale neither
+prints, logs nor stores it, and takes no ``--token`` flag (it would land in shell history, in
+``ps`` and in wandb's recorded command line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sslscale import checkpoint
+from sslscale.data.shards import MANIFEST
+from sslscale.export import (ExportError, check_encoder_state, is_image_encoder, publishable_encoder,
+                             round_trip_check, save_preprocessing)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    step: int
+    objective: str
+    published_class: str
+    num_params: int
+    round_trip_diff: float  # max |last_hidden_state difference|, fp32
+
+
+def _checkpoint_folder(run_dir: Path, step: int | None) -> Path:
+    folder = (checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(step) if step is not None
+              else checkpoint.find_latest(run_dir))
+    if folder is None or not checkpoint.is_complete(folder):
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint"
+                                + (f" for step {step} (see `sslscale ckpt info {run_dir}`)"
+                                   if step is not None else ""))
+    return folder
+
+
+def _client_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's client state (step, samples_seen, ...) without its tensors."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (folder / name).is_file():
+            states = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            return {k: v for k, v in states.items() if k in ("step", "samples_seen", "tokens_seen")}
+    raise FileNotFoundError(f"{folder}: no DeepSpeed model states file (mp_rank_00_model_states.pt)")
+
+
+def _restore_encoder(cfg, folder: Path, zero_stage: int):
+    """The objective's encoder with the checkpoint's weights, fp32, eval mode."""
+    from sslscale.objectives import build_objective
+
+    objective = build_objective(cfg)
+    try:
+        objective.load_state_dict(checkpoint.load_module_state(folder, zero_stage))
+    except RuntimeError as e:  # missing / unexpected / misshapen tensors (e.g. unconsolidated ZeRO-3)
+        raise ExportError(f"{folder}: its weights do not fit the run's {cfg.objective.name} model: "
+                          f"{str(e).splitlines()[0]}") from None
+    encoder = objective.encoder().float().eval()
+    check_encoder_state(encoder, encoder.state_dict())  # an all-zero restore is the ZeRO-3 trap
+    return encoder
+
+
+def _manifest_file(cfg, manifest) -> Path:
+    given = Path(cfg.data.train_shards)
+    return given if given.is_file() else Path(manifest.root) / MANIFEST
+
+
+def _tokenizer_dir(manifest) -> Path:
+    """The tokenizer the text data preparation saved beside the training manifest."""
+    return Path(manifest.root) / manifest.meta.get("tokenizer", "tokenizer")
+
+
+def _write_folder(tmp: Path, run_dir: Path, cfg, folder: Path, repo_id: str, license: str) -> ExportResult:
+    from sslscale.modelcard import card_facts, render_card
+    from sslscale.data.shards import load_manifest_for
+
+    marker = json.loads((folder / checkpoint.MARKER).read_text())
+    step = checkpoint.step_of(folder)
+    encoder = _restore_encoder(cfg, folder, int(marker.get("zero_stage", cfg.deepspeed.zero_stage)))
+    manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
+    model = publishable_encoder(encoder)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    image = is_image_encoder(model)
+    pre = (dict(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std) if image
+           else dict(tokenizer_dir=_tokenizer_dir(manifest)))
+    save_preprocessing(model, tmp, **pre)
+    diff = round_trip_check(encoder, tmp, **pre)
+    facts = card_facts(run_dir, cfg, step=step, client=_client_state(folder), marker=marker,
+                       model=model, manifest=manifest,
+                       manifest_file=_manifest_file(cfg, manifest), round_trip_diff=diff,
+                       repo_id=repo_id, published_class=type(model).__name__)
+    (tmp / "README.md").write_text(render_card(facts, license))
+    return ExportResult(out=tmp, step=step, objective=cfg.objective.name,
+                        published_class=type(model).__name__, num_params=facts["num_params"],
+                        round_trip_diff=diff)
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give ``mkdtemp``'s private (0700) folder and its files the user's umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _load_run_config(run_dir: Path):
+    from sslscale.config import load_config
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sslscale run directory)")
+    return load_config(config_path)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+               repo_id: str | None = None, license: str = "apache-2.0",
+               overwrite: bool = False) -> ExportResult:
+    """Export the encoder of ``run_dir`` at ``step`` (default: latest complete checkpoint) to
+    the folder ``out``, which appears only after the round-trip check passed.
+
+    ``repo_id`` names the model in the card's usage snippet (default: ``out``'s path).
+    Raises ``FileNotFoundError`` (no run, no such checkpoint), ``FileExistsError`` (``out``
+    exists and is not empty, without ``overwrite``), ``ConfigError`` (training shards missing),
+    ``ExportError`` (empty / zero / misshapen weights, unsupported encoder, failed round trip).
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = _load_run_config(run_dir)
+    folder = _checkpoint_folder(run_dir, step)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    o, r = out.resolve(), run_dir.resolve()
+    if o == r or o in r.parents or r in o.parents or o == Path.cwd().resolve():
+        raise FileExistsError(f"--out {out} is, holds or lies inside the run directory {run_dir} or is "
+                              "the current directory; export to a folder of its own")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        result = _write_folder(tmp, run_dir, cfg, folder, repo_id or str(out), license)
+        _default_permissions(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.out = out
+    return result
+
+
+def push_run(run_dir: str | os.PathLike, repo_id: str, *, step: int | None = None,
+             private: bool = False, revision: str | None = None,
+             license: str = "apache-2.0") -> dict[str, Any]:
+    """Export ``run_dir`` (round-trip checked) and upload it to the hub repo ``repo_id``.
+
+    Creates the repo if needed (``exist_ok``; ``private`` applies to a new repo) and the branch
+    ``revision`` if given. Returns ``{"repo_id", "revision", "step", "commit_url",
+    "model_card", "wandb"}`` (``wandb``: True if the card's link was added to the run's wandb
+    run, False if the run has none, else why it failed; the upload stands either way).
+    Raises ``ExportError`` when no token is available (``HF_TOKEN`` or ``hf auth login``),
+    besides ``export_run``'s errors and huggingface_hub's HTTP errors.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    from sslscale.metrics import log_to_run
+
+    if get_token() is None:
+        raise ExportError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    run_dir = Path(run_dir)
+    cfg = _load_run_config(run_dir)
+    with tempfile.TemporaryDirectory(prefix="sslscale-push-") as tmp:
+        result = export_run(run_dir, Path(tmp) / "export", step=step, repo_id=repo_id,
+                            license=license)
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(result.out), repo_type="model", revision=revision,
+            commit_message=f"sslscale: {result.objective} encoder at step {result.step} (run {cfg.name})",
+            commit_description=(f"{result.published_class}, {result.num_params:,} parameters; round "
+                                f"trip max |diff| {result.round_trip_diff:.2e}"))
+    card = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/README.md"
+    try:  # the upload succeeded: a wandb problem (e.g. online without a login) must not hide that
+        logged = log_to_run(run_dir, cfg.wandb, cfg.name, {"hub/model_card": card, "hub/repo_id": repo_id,
+                                                           "hub/step": result.step,
+                                                           "hub/commit": commit.commit_url})
+    except Exception as e:  # wandb raises its own error types
+        logged = f"not logged: {type(e).__name__}: {e}"
+    return {"repo_id": repo_id, "revision": revision or "main", "step": result.step,
+            "commit_url": commit.commit_url, "model_card": card, "wandb": logged}

@@ -1,0 +1,247 @@
+"""The model card (``README.md``) of an exported encoder: facts read from the run, rendered with
+a jinja2 template (``sslscale/templates/modelcard.md.j2``) through huggingface_hub's
+``ModelCard``, which writes the YAML metadata block.
+
+Every number comes from the run directory: the checkpoint's client state (step, samples and
+tokens seen) and completion marker (world size, ZeRO stage), ``metrics.jsonl`` (final loss,
+evaluation), ``eval/*.json`` (the random-init kNN baseline of ``sslscale eval knn --baseline``),
+``system.jsonl`` (hardware), ``config.yaml`` and the training manifest (source, license, sha256
+of ``manifest.json``, which lists every shard's sha256). A value the run never measured is
+written as "not measured", never guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sslscale.metrics import SYSTEM_FILE, read_metrics, value_at
+
+TEMPLATE = Path(__file__).parent / "templates" / "modelcard.md.j2"
+NOT_MEASURED = "not measured"
+
+
+@dataclass(frozen=True)
+class Paper:
+    citation: str  # authors, title, venue
+    arxiv: str
+
+    @property
+    def url(self) -> str:
+        return f"https://arxiv.org/abs/{self.arxiv}"
+
+
+# Keyed by the exact registered objective name (``objective.name``).
+PAPERS = {
+    "mae": Paper('He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022',
+                 "2111.06377"),
+    "mlm": Paper('Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for '
+                 'Language Understanding", NAACL 2019', "1810.04805"),
+    "simclr": Paper('Chen et al., "A Simple Framework for Contrastive Learning of Visual '
+                    'Representations", ICML 2020', "2002.05709"),
+    "moco_v3": Paper('Chen, Xie & He, "An Empirical Study of Training Self-Supervised Vision '
+                     'Transformers", ICCV 2021', "2104.02057"),
+    "simsiam": Paper('Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021',
+                     "2011.10566"),
+}
+# What the published encoder leaves out, per objective.
+_DROPPED = {"mae": "the MAE decoder", "mlm": "the MLM head", "simclr": "the projection head",
+            "moco_v3": "the projector, the predictor and the momentum encoder",
+            "simsiam": "the projector and the predictor"}
+# How sslscale's evaluation pools a ViT's tokens into one vector: (code, words).
+_POOLING = {"mean": ("hidden[:, 1:].mean(dim=1)", "the mean of the patch tokens"),
+            "cls": ("hidden[:, 0]", "the CLS token")}
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return NOT_MEASURED if value is None else f"{value:.{digits}f}"
+
+
+def _git_commit(where: Path) -> str | None:
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def sslscale_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("sslscale")
+    except PackageNotFoundError:
+        v = "unknown (not installed)"
+    commit = _git_commit(Path(__file__).resolve().parent)
+    return f"{v}, git {commit}" if commit else v
+
+
+def _sessions(run_dir: Path) -> list[dict[str, Any]]:
+    """The training sessions' ``system_info`` records (unreadable lines skipped)."""
+    path = run_dir / SYSTEM_FILE
+    sessions = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            sessions.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return sessions
+
+
+def _hardware(run_dir: Path) -> str:
+    seen = []
+    for s in _sessions(run_dir):
+        if s.get("device") == "cuda":
+            desc = f"{s.get('nodes')} node(s) x {s.get('devices_per_node')} {s.get('accelerator')} (CUDA)"
+        else:
+            desc = f"{s.get('nodes')} node(s), CPU: {s.get('accelerator')} ({s.get('cpu_cores')} cores)"
+        if desc not in seen:
+            seen.append(desc)
+    return "; then ".join(seen) if seen else NOT_MEASURED
+
+
+def _precision(precision: str, sessions: list[dict[str, Any]]) -> str:
+    """``train.precision``, with what ``auto`` meant (bf16 on CUDA, fp32 on CPU) where known."""
+    devices = sorted({s.get("device") for s in sessions} - {None})
+    if precision != "auto" or not devices:
+        return precision
+    return "auto: " + ", ".join("bf16 (CUDA)" if d == "cuda" else "fp32 (CPU)" for d in devices)
+
+
+def _knn_baseline(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The newest ``sslscale eval knn --baseline`` result saved under ``RUN_DIR/eval/`` (one
+    JSON object per file or line), preferring one of ``step``."""
+    found = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "random_init_knn_top1" in row:
+                found.append((row.get("step") == step, path.stat().st_mtime, row))
+    return max(found, key=lambda f: f[:2])[2] if found else None
+
+
+def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, str]]:
+    """Rows (metric, value, baseline, protocol) for the evaluation table."""
+    series = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+
+    def at(key):
+        point = value_at(series, key, step)
+        return (point[1], point[0]) if point else (None, None)
+
+    rows = []
+    if cfg.objective.name == "mlm":
+        acc, acc_step = at("eval/mlm_accuracy")
+        base, _ = at("eval/mlm_baseline_accuracy")
+        ppl, _ = at("eval/mlm_perplexity")
+        masked, _ = at("eval/num_masked_tokens")
+        where = (f", {int(masked):,} masked tokens" if masked is not None else "") + (
+            f", step {acc_step}" if acc_step is not None else "")
+        rows.append({"metric": "masked-token accuracy (held-out)", "value": _fmt(acc),
+                     "baseline": f"{_fmt(base)} (always the most frequent token)",
+                     "protocol": f"held-out shards{where}"})
+        rows.append({"metric": "masked-token perplexity (held-out)", "value": _fmt(ppl, 2),
+                     "baseline": "-", "protocol": f"held-out shards{where}"})
+        return rows
+    knn, knn_step = at("eval/knn_top1")
+    baseline = _knn_baseline(run_dir, step)
+    if baseline is not None and baseline.get("step") == step:  # same protocol, same test set
+        knn, knn_step = baseline["knn_top1"], step
+    protocol = (f"weighted kNN (k={cfg.eval.k}, cosine, temperature {cfg.eval.temperature}, as in "
+                "InstDisc / DINO) on labeled shards")
+    if knn_step is not None:
+        protocol += f", step {knn_step}"
+    if baseline is not None:
+        protocol += f"; baseline: {baseline.get('num_test', '?')} test images, k={baseline.get('k', '?')}"
+    rows.append({"metric": "kNN top-1", "value": _fmt(knn),
+                 "baseline": (f"{_fmt(baseline['random_init_knn_top1'])} (same architecture at random init)"
+                              if baseline else f"{NOT_MEASURED} (run `sslscale eval knn RUN_DIR --baseline`)"),
+                 "protocol": protocol})
+    return rows
+
+
+def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
+               marker: dict[str, Any], model, manifest, manifest_file: Path,
+               round_trip_diff: float, repo_id: str, published_class: str) -> dict[str, Any]:
+    """Everything the template shows, as strings and numbers. ``client`` is the checkpoint's
+    client state (step, samples_seen, ...), ``marker`` its ``complete.json``."""
+    run_dir = Path(run_dir)
+    name = cfg.objective.name
+    series = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+    loss = value_at(series, "train/loss", step)
+    samples = int(client.get("samples_seen", step * cfg.train.global_batch_size))
+    tokens = client.get("tokens_seen")
+    if tokens is None and value_at(series, "tokens_seen", step):
+        tokens = int(value_at(series, "tokens_seen", step)[1])
+    image = model.main_input_name == "pixel_values"
+    pooling = "mean" if name == "mae" else cfg.objective.pooling
+    c = model.config
+    num_params = sum(p.numel() for p in model.parameters())
+    arch = (f"ViT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
+            f"heads, MLP {c.intermediate_size}, patch {c.patch_size}, image {c.image_size}x{c.image_size}, "
+            f"{c.num_channels} input channels" if image else
+            f"BERT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
+            f"MLP {c.intermediate_size}, vocabulary {c.vocab_size}, {c.max_position_embeddings} positions")
+    return {
+        "repo_id": repo_id, "name": cfg.name, "objective": name, "paper": PAPERS.get(name),
+        "image": image, "published_class": published_class,
+        "dropped": _DROPPED.get(name, "the objective's heads"), "architecture": arch,
+        "gray": image and cfg.model.num_channels == 1,
+        "num_params": num_params, "num_params_text": f"{num_params:,}", "hidden_size": c.hidden_size,
+        "mae_keep": f"{1 - cfg.objective.mask_ratio:.0%}",
+        "data_source": manifest.source, "data_license": manifest.license,
+        "data_samples_text": f"{manifest.num_samples:,}", "data_shards": len(manifest.shards),
+        "manifest_path": str(manifest_file),
+        "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
+        "step": step, "max_steps": cfg.train.max_steps,
+        "global_batch_size": cfg.train.global_batch_size,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "samples_seen": samples, "samples_seen_text": f"{samples:,}", "epochs": f"{samples / max(1, manifest.num_samples):.2f}",
+        "tokens_seen": NOT_MEASURED if tokens is None else f"{int(tokens):,}",
+        "precision": _precision(cfg.train.precision, _sessions(run_dir)), "zero_stage": marker.get("zero_stage"),
+        "world_size": marker.get("world_size"), "hardware": _hardware(run_dir),
+        "final_loss": _fmt(loss[1]) if loss else NOT_MEASURED,
+        "final_loss_step": loss[0] if loss else None,
+        "eval_rows": _eval_rows(run_dir, cfg, step),
+        "pooling": pooling, "pooling_code": _POOLING[pooling][0], "pooling_text": _POOLING[pooling][1],
+        "round_trip_diff": f"{round_trip_diff:.2e}",
+        "sslscale_version": sslscale_version(),
+        "config_yaml": _public_config_yaml(cfg),
+    }
+
+
+def _public_config_yaml(cfg) -> str:
+    """The run's config for the card, without values that may be secrets (``slurm.env`` is
+    where job environments, API keys included, are set)."""
+    from omegaconf import OmegaConf
+
+    public = OmegaConf.to_container(cfg, resolve=True)
+    env = public.get("slurm", {}).get("env") or {}
+    public.setdefault("slurm", {})["env"] = {k: "<not published>" for k in env}
+    return OmegaConf.to_yaml(OmegaConf.create(public)).strip()
+
+
+def render_card(facts: dict[str, Any], license: str = "apache-2.0") -> str:
+    """The model card text: YAML metadata (``library_name: transformers``, ``pipeline_tag``,
+    tags incl. the objective and its arXiv id, ``license``) and the body from ``TEMPLATE``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    tags = ["sslscale", "self-supervised", facts["objective"], "vit" if facts["image"] else "bert"]
+    if facts["paper"] is not None:
+        tags.append(f"arxiv:{facts['paper'].arxiv}")
+    data = ModelCardData(library_name="transformers", license=license, tags=tags,
+                         pipeline_tag="image-feature-extraction" if facts["image"] else "feature-extraction",
+                         model_name=facts["repo_id"])
+    card = ModelCard.from_template(data, template_path=str(TEMPLATE), **facts)
+    return str(card)
