@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sslscale.dist import collective_device, gathered, rank_and_world
+
 MARKER = "complete.json"
 LATEST = "latest"
 UNIVERSAL = "universal"  # RUN_DIR/checkpoints/universal/step-XXXXXXXX: converted for elastic resume
@@ -94,18 +96,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def fail_together(error: Exception | None, what: str) -> None:
     """Raise on every rank if ``error`` happened on any (collective), so no rank waits forever on
     one that failed alone. Reduces on the collective backend's device (NCCL: CUDA only)."""
-    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.is_initialized() and \
-        torch.distributed.get_backend() == "nccl" else "cpu"
-    failed = torch.tensor([float(error is not None)], device=device)
+    failed = torch.tensor([float(error is not None)], device=collective_device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(failed)
     if error is not None:
@@ -127,15 +121,13 @@ def _restore_frozen_zero3(module, folder: Path, saved_world_size: int) -> None:
     0.19.8 saves only rank 0's partition of them and loads it into every rank. Each rank file
     holds its own partitions; the full tensor is their concatenation (equal, contiguous slices
     of the flat parameter), loaded through ``GatheredParameters`` so any new world size works."""
-    import deepspeed
-
     params = _frozen_zero3(module)
     parts = [torch.load(rank_file(folder, r), weights_only=True).get("frozen", {})
              for r in range(saved_world_size)] if params else []
     params = {n: p for n, p in params.items() if n in parts[0]}  # older checkpoints lack them
     if not params:
         return
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+    with gathered(params.values()):
         for name, p in params.items():
             full = torch.cat([part[name] for part in parts])[:p.numel()]
             p.data.copy_(full.view_as(p.data))
@@ -163,7 +155,7 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
         except ExportError as e:  # rank 0 checks it; the others must not wait at the barrier
             error = e
     fail_together(error, f"exporting the encoder of {tag}")
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     frozen = {n: p.ds_tensor.detach().cpu().clone() for n, p in _frozen_zero3(ds_engine.module).items()}
     torch.save({"rng": rng_state(), "frozen": frozen}, rank_file(root / tag, rank))
     if os.environ.get(FAULT_ENV) == f"kill-before-marker:{step}":  # tests: a kill mid-save
@@ -360,7 +352,7 @@ def to_universal(folder: Path) -> Path:
     Raises ``RuntimeError`` (with DeepSpeed's output) if the conversion fails."""
     out = universal_folder(folder)
     error = None
-    if _rank_and_world()[0] == 0 and not _universal_is_current(folder):
+    if rank_and_world()[0] == 0 and not _universal_is_current(folder):
         try:
             _convert(folder, out)
         except RuntimeError as e:
@@ -377,7 +369,7 @@ def load(ds_engine, folder: Path) -> dict[str, Any]:
     from ``(train.seed, step, rank)``: reproducible, but not the old ranks' random sequences."""
     from sslscale.engine import load_checkpoint
 
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     marker = json.loads((folder / MARKER).read_text())
     elastic = marker.get("world_size", world_size) != world_size
     universal = elastic and marker.get("zero_stage", 0) > 0  # ZeRO-0 state is not partitioned

@@ -17,6 +17,7 @@ import torch
 from launcher.env import export_env, read_env
 from sslscale.config import load_config, save_config, to_dict
 from sslscale.data.shards import load_manifest_for
+from sslscale.dist import gathered
 
 
 def seed_everything(seed: int) -> None:
@@ -34,14 +35,8 @@ def init_weights_from(objective, folder: Path) -> None:
     if not checkpoint.is_complete(folder):
         raise FileNotFoundError(f"train.init_from = {folder}: not a complete checkpoint")
     state = checkpoint.load_module_state(folder)
-    params = list(objective.parameters())
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned them at construction
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            if torch.distributed.get_rank() == 0:
-                objective.load_state_dict(state)
-    else:
-        objective.load_state_dict(state)
+    with gathered(objective.parameters()):  # ZeRO-3 partitioned them at construction
+        objective.load_state_dict(state)  # kept from rank 0
 
 
 def make_evaluator(cfg, engine, env, train_manifest):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sslscale import checkpoint, flops
+from sslscale.dist import rank_and_world
 from sslscale.engine import Engine, apply_schedules
 from sslscale.metrics import MetricsLogger
 
@@ -247,7 +248,7 @@ class Trainer:
     def _flop_metrics(self, samples_per_sec: float) -> dict[str, float]:
         """Model TFLOP/s per device (the SSL-aware count of ``sslscale.flops``) and, on a GPU of
         known peak, ``perf/mfu``."""
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = rank_and_world()[1]
         model_config = getattr(getattr(self.engine.module, "model", None), "config", None)
         per_sample = flops.flops_per_sample_of_batch(self.cfg, self._last_batch, world_size=world,
                                                      vocab_size=getattr(model_config, "vocab_size", None))

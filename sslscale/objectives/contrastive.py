@@ -29,6 +29,7 @@ from torch import nn
 from transformers import ViTConfig, ViTModel
 
 from sslscale.data.augment import ViewAugment, ViewConfig, random_seeds
+from sslscale.dist import gathered
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.losses import mlp, moco_infonce, negative_cosine, nt_xent
 from sslscale.registry import OBJECTIVES
@@ -168,15 +169,9 @@ class MoCoV3(TwoViewObjective):
 
     @torch.no_grad()
     def _ema(self, m: float) -> None:
-        pairs = self._pairs()
-        if any(hasattr(t, "ds_id") for t, _ in pairs):  # ZeRO-3: on the gathered weights
-            import deepspeed
-
-            online = deepspeed.zero.GatheredParameters([o for _, o in pairs])  # read only
-            with online, deepspeed.zero.GatheredParameters([t for t, _ in pairs], modifier_rank=0):
-                self._ema_pairs([(t.data, o.data) for t, o in pairs], m)
-        else:
-            self._ema_pairs(pairs, m)
+        pairs = self._pairs()  # ZeRO-3: on the gathered weights (the online ones read only)
+        with gathered([o for _, o in pairs], modifier_rank=None), gathered([t for t, _ in pairs]):
+            self._ema_pairs([(t.data, o.data) for t, o in pairs], m)
 
     def _ema_pairs(self, pairs, m: float) -> None:
         if pairs and pairs[0][0].dtype == torch.float32:

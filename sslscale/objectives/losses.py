@@ -19,20 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslscale.dist import rank_and_world
 from sslscale.kernels.infonce import info_nce
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``(W * B, ...)``: ``x`` ``(B, ...)`` of every rank, concatenated in rank order, with
     autograd (the backward sums each rank's gradient into the owner). Identity on one process.
     Every rank must pass the same shape."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return x
     with warnings.catch_warnings():  # its replacement (_functional_collectives) is not public yet
@@ -42,7 +37,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over ranks, with autograd (the gradient is all-reduced too)."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return x
     with warnings.catch_warnings():
@@ -53,7 +48,7 @@ def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Like ``gather_with_grad`` for tensors that need no gradient (MoCo's keys)."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -72,7 +67,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         self.global_stats = global_stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, world = _world()
+        _, world = rank_and_world()
         if not self.training or not self.global_stats or world == 1:
             return super().forward(x)
         # two passes (mean, then squared deviations): as accurate as one process's BatchNorm
@@ -110,7 +105,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: b
     one of the 2B local views is classified against all 2N views of the global batch (N = B x
     ranks with ``gather``), itself excluded, its partner view positive. Returns the mean over the
     local views (scalar); the mean over ranks is the full-batch loss."""
-    rank, world = _world() if gather else (0, 1)
+    rank, world = rank_and_world() if gather else (0, 1)
     rows = F.normalize(torch.cat([z1, z2]), dim=1)
     cols = gather_with_grad(rows) if world > 1 else rows
     b = len(z1)
@@ -124,7 +119,7 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float, *, gather
     """MoCo v3's contrastive loss (Chen, Xie, He 2021, arXiv 2104.02057): queries ``q`` ``(B, D)``
     against the keys ``k`` ``(B, D)`` of the global batch (no gradient), positive = own key,
     scaled by ``2 * temperature`` as in the reference. Mean over local rows (scalar)."""
-    rank, world = _world() if gather else (0, 1)
+    rank, world = rank_and_world() if gather else (0, 1)
     q = F.normalize(q, dim=1)
     k = F.normalize(k.detach(), dim=1)
     keys = gather_no_grad(k) if world > 1 else k

@@ -23,6 +23,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
 from sslscale.data.augment import MASK, ViewAugment, ViewConfig, random_seeds, uniform
+from sslscale.dist import gathered
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.registry import OBJECTIVES
 
@@ -51,19 +52,11 @@ def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
     return torch.cat([pos[..., half:], pos[..., :half]], dim=-1).unsqueeze(0)
 
 
-def _gathered(params: list[nn.Parameter]):
-    """Full parameters to modify in place, also when ZeRO-3 partitioned them at construction."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def init_mae_weights(model: ViTMAEForPreTraining) -> None:
     """He et al.'s initialization: xavier-uniform linears (and patch projection as a linear),
     unit LayerNorms, N(0, 0.02) cls and mask tokens, fixed sin-cos position embeddings."""
-    with _gathered(list(model.parameters())):
+    with gathered(model.parameters()):
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
