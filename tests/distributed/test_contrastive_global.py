@@ -52,6 +52,7 @@ def _rank(rank: int, world: int, rdv: str, images, seeds, out: str) -> None:
         results[name] = (loss / world, grads)
     if rank == 0:
         torch.save(results, out)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     torch.distributed.destroy_process_group()
 
 
