@@ -22,11 +22,9 @@ is the original's; the stream positions re-deal over the new ranks by themselves
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import time
@@ -34,10 +32,10 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from sslscale.dist import collective_device, gathered, rank_and_world
+from sslscale.dist import fail_together, gathered, rank_and_world
+from sslscale.rng import reseed, rng_state, set_rng_state
 
 MARKER = "complete.json"
 LATEST = "latest"
@@ -72,40 +70,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random states (python, numpy, torch CPU and CUDA) as plain types and
-    tensors, loadable with ``torch.load(weights_only=True)``."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def fail_together(error: Exception | None, what: str) -> None:
-    """Raise on every rank if ``error`` happened on any (collective), so no rank waits forever on
-    one that failed alone. Reduces on the collective backend's device (NCCL: CUDA only)."""
-    failed = torch.tensor([float(error is not None)], device=collective_device())
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RuntimeError(f"another rank failed while {what}")
 
 
 def rank_file(folder: Path, rank: int) -> Path:
@@ -384,15 +348,6 @@ def load(ds_engine, folder: Path) -> dict[str, Any]:
     else:
         set_rng_state(torch.load(rank_file(folder, rank), weights_only=True)["rng"])
     return client_state
-
-
-def reseed(seed: int, step: int, rank: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) from ``(seed, step, rank)``."""
-    digest = hashlib.sha256(f"sslscale-reseed:{seed}:{step}:{rank}".encode()).digest()
-    derived = int.from_bytes(digest[:8], "little")
-    random.seed(derived)
-    np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)
 
 
 def load_module_state(folder: Path, zero_stage: int | None = None) -> dict[str, torch.Tensor]:

@@ -37,3 +37,15 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = 0
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
+
+
+def fail_together(error: Exception | None, what: str) -> None:
+    """Raise on every rank if ``error`` happened on any (collective), so no rank waits forever on
+    one that failed alone. Reduces on the collective backend's device (NCCL: CUDA only)."""
+    failed = torch.tensor([float(error is not None)], device=collective_device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"another rank failed while {what}")

@@ -203,7 +203,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     from sslscale import checkpoint
     from sslscale.objectives import build_objective
     from sslscale.data.shards import load_manifest_for
-    from sslscale.train import seed_everything
+    from sslscale.rng import seed_everything
 
     cfg, folder = _load_run(run_dir, step)
     bank = load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards)

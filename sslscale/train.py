@@ -6,24 +6,17 @@ torchrun, or by Slurm's srun; ``python -m sslscale.train CONFIG [key=value ...]`
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from launcher.env import export_env, read_env
 from sslscale.config import load_config, save_config, to_dict
 from sslscale.data.shards import load_manifest_for
 from sslscale.dist import gathered
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from sslscale.rng import seed_everything
 
 
 def init_weights_from(objective, folder: Path) -> None:
