@@ -1,31 +1,60 @@
-# sslscale for CUDA GPUs: the PyTorch base image (its torch is kept), DeepSpeed with its fused
-# ops compiled at build time, the project installed; entrypoint `sslscale`.
+# sslscale for CUDA GPUs: the PyTorch base image with the tested torch (2.13.0, constraints.txt;
+# the build stops if the base has another), DeepSpeed with its fused ops compiled at build time,
+# the dependencies, then the project (a regular, non-editable install); runs as a non-root user;
+# entrypoint `sslscale`.
 #
 #   docker build -t sslscale .
-#   docker run --gpus all --ipc=host -v "$PWD:/workspace" sslscale train configs/mae_vit_base_16.yaml
+#   docker run --gpus all --ipc=host --user "$(id -u):$(id -g)" -v "$PWD:/workspace" \
+#     sslscale train configs/mae_vit_base_16.yaml
 #
+# Layers, most stable first, so that editing the code reinstalls only the project (seconds):
+# base + user, DeepSpeed ops, the dependencies of pyproject.toml, then launcher/ and sslscale/.
 # No GPU is needed to build: DS_ACCELERATOR=cuda makes DeepSpeed compile its CUDA ops for
 # TORCH_CUDA_ARCH_LIST instead of probing for a device. For Slurm with pyxis/enroot:
 # `sslscale submit ... --container-image=<registry>#sslscale:latest`; Apptainer: see README.
-ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel
+# Any uid can run it (pyxis and Apptainer use the caller's): caches live in /cache (mode 1777).
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
 FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
 
 # 8.0 A100, 8.6 A10 / RTX 30xx, 8.9 L4 / L40S, 9.0 H100 / H200.
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 ARG DEEPSPEED_VERSION=0.19.8
+ARG USER_UID=1000
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/etc/sslscale/constraints.txt \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
     HF_HOME=/cache/huggingface \
-    TRITON_CACHE_DIR=/cache/triton
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
+    XDG_CACHE_HOME=/cache \
+    MPLCONFIGDIR=/cache/matplotlib \
+    WANDB_CACHE_DIR=/cache/wandb \
+    WANDB_CONFIG_DIR=/cache/wandb-config
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Keep the base image's torch: pip must never replace it with another build.
-RUN mkdir -p /etc/sslscale \
- && python -c "import torch; print(f'torch=={torch.__version__}')" > /etc/sslscale/constraints.txt \
+# The user that runs sslscale (uid USER_UID, taken over from the base image's user of that uid
+# if it has one), and caches any uid can write.
+RUN existing="$(getent passwd "${USER_UID}" | cut -d: -f1)" \
+ && if [ -n "${existing}" ]; then userdel --remove "${existing}" 2>/dev/null || userdel "${existing}"; fi \
+ && useradd --create-home --uid "${USER_UID}" --shell /bin/bash sslscale \
+ && mkdir -p /cache /workspace \
+ && chmod 1777 /cache \
+ && chown sslscale /workspace
+
+# The tested torch only: the base image's must be the version constraints.txt pins, and pip may
+# never replace it with another build (its exact version, CUDA tag included, becomes the pin).
+COPY constraints.txt /tmp/sslscale-constraints.txt
+RUN tested="$(sed -n 's/^torch==\([^ ;#+]*\).*/\1/p' /tmp/sslscale-constraints.txt)" \
+ && have="$(python -c 'import torch; print(torch.__version__)')" \
+ && if [ "${have%%+*}" != "${tested}" ]; then \
+      echo "error: ${BASE_IMAGE} has torch ${have}; sslscale is tested with torch ${tested} (constraints.txt): use a BASE_IMAGE with it" >&2; \
+      exit 1; fi \
+ && mkdir -p /etc/sslscale \
+ && echo "torch==${have}" > /etc/sslscale/constraints.txt \
  && cat /etc/sslscale/constraints.txt
 
 # DeepSpeed's fused Adam (GPU) and CPU Adam, compiled now rather than on first use in every job.
@@ -34,16 +63,26 @@ RUN pip install ninja==1.13.0 \
     pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
  && DS_ACCELERATOR=cuda ds_report | grep -E "fused_adam|cpu_adam"
 
-# The project, editable: `sslscale submit` reads its job template from slurm/ beside the code.
+# The dependencies (and the gpu extra) named in pyproject.toml, before any code: this layer is
+# rebuilt only when pyproject.toml changes.
+COPY pyproject.toml /tmp/sslscale-pyproject.toml
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/sslscale-pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/sslscale-requirements.txt \
+ && pip install -r /tmp/sslscale-requirements.txt \
+ && rm /tmp/sslscale-requirements.txt
+
+# The project: a regular install (its Slurm job template is package data); configs/ for reference.
 WORKDIR /opt/sslscale
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY launcher ./launcher
 COPY sslscale ./sslscale
-COPY slurm ./slurm
+RUN pip install --no-deps . \
+ && rm -rf build ./*.egg-info \
+ && sslscale --help > /dev/null \
+ && python -I -c "from launcher.slurm import TEMPLATE; assert TEMPLATE.is_file(), TEMPLATE"
 COPY configs ./configs
-RUN pip install -e ".[gpu]" \
- && sslscale --help > /dev/null
 
+USER ${USER_UID}
 WORKDIR /workspace
 ENTRYPOINT ["sslscale"]
 CMD ["--help"]

@@ -66,8 +66,13 @@ $(TEXT_DATA)/.ready: | $(VENV)/.installed
 
 text-data: $(TEXT_DATA)/.ready
 
+# An interrupted demo (Ctrl-C saves) resumes from the latest checkpoint in $(DEMO_RUN) (resume=auto);
+# a finished one only evaluates again. DEMO_FRESH=1 deletes $(DEMO_RUN) first. DEMO_ARGS: more
+# config overrides, e.g. a quick look: make demo DEMO_ARGS="train.max_steps=200"
+# (with DEMO_FRESH=1 if $(DEMO_RUN) holds a longer or differently shaped run).
 demo: $(DEMO_DATA)/.ready
-	rm -rf $(DEMO_RUN)
+	@if [ "$(DEMO_FRESH)" = 1 ]; then echo "DEMO_FRESH=1: deleting $(DEMO_RUN)"; rm -rf $(DEMO_RUN); \
+	elif [ -d $(DEMO_RUN)/checkpoints ]; then echo "resuming $(DEMO_RUN) (DEMO_FRESH=1 starts over)"; fi
 	$(SSLSCALE) train $(DEMO_CONFIG) run_dir=$(DEMO_RUN) $(DEMO_ARGS)
 	$(SSLSCALE) eval knn $(DEMO_RUN) --baseline | tail -n 1 | $(PY) -c "import json, sys; r = json.load(sys.stdin); \
 	print(f\"kNN top-1 (k={r['k']}, {r['num_test']} test images): trained {r['knn_top1']:.4f} vs random init {r['random_init_knn_top1']:.4f}\")"

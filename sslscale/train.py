@@ -6,13 +6,14 @@ torchrun, or by Slurm's srun; ``python -m sslscale.train CONFIG [key=value ...]`
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from launcher.env import export_env, read_env
+from launcher.env import export_env, read_env, rendezvous_errors
 from sslscale.config import load_config, save_config, to_dict
 from sslscale.data.shards import load_manifest_for
 from sslscale.dist import gathered
@@ -62,15 +63,28 @@ def make_evaluator(cfg, engine, env, train_manifest):
     return evaluate
 
 
-def main(recipe: str, overrides: Sequence[str] = ()) -> int:
-    """Train per ``recipe`` + ``overrides``; returns the process exit code."""
-    from sslscale import checkpoint
-    from sslscale.data.stream import TrainStream, decoder_for, train_loader
-    from sslscale.engine import build_engine, init_distributed
-    from sslscale.metrics import MetricsLogger
-    from sslscale.objectives import build_objective
-    from sslscale.trainer import PREEMPTED_EXIT_CODE, Trainer
+# RUN_DIR/exit.json: the code all ranks agreed to exit with after a clean end (0 finished, 75 /
+# 130 saved after a signal), written by rank 0 before any rank exits; the Slurm job script
+# trusts it over srun's own code (see slurm/train.sbatch). Removed when a run starts.
+EXIT_FILE = "exit.json"
 
+
+def main(recipe: str, overrides: Sequence[str] = ()) -> int:
+    """Train per ``recipe`` + ``overrides``; returns the process exit code (``sslscale.exits``:
+    0 finished, 75 preempted, 130 interrupted, both after saving).
+
+    A config or shard-plan error raises before anything starts (the CLI prints it, exit 2).
+    Any error after that is fatal for the run: this rank prints one ``error: rank R: ...`` line
+    (the traceback goes to ``RUN_DIR/errors/``) and ends at once, its data-loader workers
+    included, with code 1 (2 for a config, plan or manifest error or a refused checkpoint, 130
+    for Ctrl-C); the other ranks fail at their next collective (or are ended by
+    ``sslscale launch`` / srun). A stall ends the rank with 124 (``sslscale.watchdog``).
+    """
+    from sslscale import exits
+    from sslscale.data.stream import TrainStream, decoder_for, train_loader
+    from sslscale.trainer import StopSignals
+
+    stop = StopSignals().install()  # a stop signal during start-up is kept for the first step
     env = read_env()
     export_env(env)
     cfg = load_config(recipe, overrides)
@@ -86,7 +100,41 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
         return train_loader(stream)
 
     make_batches()  # fail on a bad shard plan before joining the process group
-    init_distributed()
+    exits.kill_children_at_exit()
+    try:
+        return _run(cfg, env, manifest, make_batches, stop)
+    except BaseException as error:  # every error (Ctrl-C too) ends the rank, promptly
+        print(exits.report_fatal(error, env.rank, cfg.run_dir), file=sys.stderr, flush=True)
+        exits.hard_exit(_exit_code_for(error))
+    return exits.CRASHED  # not reached
+
+
+def _exit_code_for(error: BaseException) -> int:
+    """130 for Ctrl-C, 2 for a config / plan / manifest error or a refused checkpoint (a rerun
+    would repeat it: Slurm does not requeue it), else 1."""
+    from sslscale import exits
+    from sslscale.config import ConfigError
+    from sslscale.data.plan import PlanError
+    from sslscale.data.shards import ManifestError
+    from sslscale.safe_load import UnsafeCheckpointError
+
+    if isinstance(error, KeyboardInterrupt):
+        return exits.INTERRUPTED
+    usage = (ConfigError, PlanError, ManifestError, UnsafeCheckpointError)
+    return exits.USAGE if isinstance(error, usage) else exits.CRASHED
+
+
+def _run(cfg, env, manifest, make_batches, stop) -> int:
+    """Join the process group, build the engine, train, close; see :func:`main`."""
+    from sslscale import checkpoint
+    from sslscale.engine import build_engine, init_distributed
+    from sslscale.metrics import MetricsLogger
+    from sslscale.objectives import build_objective
+    from sslscale.trainer import Trainer
+    from sslscale.watchdog import StallWatchdog
+
+    with rendezvous_errors(env):  # a rendezvous port in use: one line naming it and the key
+        init_distributed(cfg.dist.timeout_s)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     init_from = None if checkpoint.resolve_resume(cfg.resume, cfg.run_dir) is not None \
         else cfg.train.init_from
@@ -103,6 +151,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     config_dict = to_dict(cfg)
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / EXIT_FILE).unlink(missing_ok=True)
     metrics = MetricsLogger(run_dir, enabled=env.is_main, max_steps=cfg.train.max_steps,
                             start_step=0, config=config_dict, wandb_cfg=cfg.wandb, run_name=cfg.name)
     if init_from:
@@ -110,22 +159,38 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     metrics.info(f"engine: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {engine.precision}, "
                  f"{engine.device}, world size {env.world_size}, "
                  f"grad accumulation {engine.grad_accum_steps}, {type(engine.optimizer).__name__}")
+    watchdog = StallWatchdog(run_dir, env.rank, env.world_size, cfg.train.stall_timeout_s).start()
     try:
         trainer = Trainer(cfg, engine, make_batches=make_batches,
                           samples_per_epoch=manifest.num_samples, metrics=metrics,
                           is_main=env.is_main, config_dict=config_dict,
-                          evaluate=make_evaluator(cfg, engine, env, manifest))
+                          evaluate=make_evaluator(cfg, engine, env, manifest), watchdog=watchdog,
+                          stop=stop)
         state = trainer.fit()
-        metrics.info(f"{'stopped' if state.preempted else 'done'}: step {state.step}, "
-                     f"{state.samples_seen} samples; run dir {run_dir}")
-    finally:
-        metrics.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return PREEMPTED_EXIT_CODE if state.preempted else 0
+    except BaseException:
+        metrics.abort()
+        raise
+    watchdog.stop()
+    metrics.info(f"{'stopped' if state.stop_code else 'done'}: step {state.step}, "
+                 f"{state.samples_seen} samples; run dir {run_dir}")
+    metrics.close()
+    if env.is_main:
+        (run_dir / EXIT_FILE).write_text(json.dumps({"code": state.stop_code, "step": state.step,
+                                                     "samples_seen": state.samples_seen}) + "\n")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank exits (srun ends the others) before rank 0 is done
+        torch.distributed.destroy_process_group()
+    return state.stop_code
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python -m sslscale.train CONFIG [key=value ...]")
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    from sslscale.exits import USAGE
+
+    try:
+        code = main(sys.argv[1], sys.argv[2:])
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, PlanError: a rerun would repeat it
+        print(f"error: {e}", file=sys.stderr)
+        code = USAGE
+    sys.exit(code)

@@ -18,24 +18,43 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from sslscale import checkpoint, flops
+from sslscale import checkpoint, exits, flops
 from sslscale.dist import rank_and_world
 from sslscale.engine import Engine, apply_schedules
 from sslscale.metrics import MetricsLogger
 
 
-# Exit code of a run stopped by SIGTERM / SIGUSR1 after saving (EX_TEMPFAIL: "try again"):
-# the Slurm job script requeues on it; a finished run exits 0.
-PREEMPTED_EXIT_CODE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The exit code a stop signal leads to, after all ranks saved (``sslscale.exits``): SIGTERM /
+# SIGUSR1 are preemption (75, requeued), SIGINT (Ctrl-C) an interruption (130, not requeued).
+STOP_SIGNALS = {signal.SIGTERM: exits.PREEMPTED, signal.SIGUSR1: exits.PREEMPTED,
+                signal.SIGINT: exits.INTERRUPTED}
+
+
+class StopSignals:
+    """The stop signals this process got: installed at start-up (``install``), before the slow
+    engine build, so a signal that comes early is kept for the first step boundary instead of
+    killing the rank. ``code`` is 0 or the highest of ``STOP_SIGNALS``' codes received."""
+
+    def __init__(self):
+        self.code = 0
+
+    def install(self) -> "StopSignals":
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.code = max(self.code, STOP_SIGNALS[signum])
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once, without saving
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
-    samples_seen: int = 0  # global count
-    tokens_seen: int = 0  # global count of input tokens (text objectives)
-    preempted: bool = False  # stopped early by a signal, after saving
+    samples_seen: int = 0  # global count of samples read, incl. discarded micro-batches
+    tokens_seen: int = 0  # global count of input tokens read (text objectives)
+    stop_code: int = 0  # exits.PREEMPTED / INTERRUPTED: stopped early by a signal, after saving
 
 
 class Trainer:
@@ -50,20 +69,24 @@ class Trainer:
 
     def __init__(self, cfg, engine: Engine, *, make_batches: Callable[..., Iterator[dict]],
                  samples_per_epoch: int, metrics: MetricsLogger, is_main: bool,
-                 config_dict: dict[str, Any], evaluate: Callable[[], dict] | None = None):
+                 config_dict: dict[str, Any], evaluate: Callable[[], dict] | None = None,
+                 watchdog=None, stop: StopSignals | None = None):
         self.cfg, self.engine, self.metrics = cfg, engine, metrics
         self.make_batches, self.samples_per_epoch = make_batches, samples_per_epoch
         self.is_main, self.config_dict, self.evaluate_fn = is_main, config_dict, evaluate
+        self.watchdog = watchdog  # sslscale.watchdog.StallWatchdog, or None
+        self.stop = stop  # installed by fit() if not given
         self.run_dir = Path(cfg.run_dir)
         self.state = TrainState()
         self.positions = [0] * cfg.data.num_streams  # samples consumed per stream (own streams exact)
         self._skipped_before = [0, 0]  # skipped samples, shards: totals of earlier runs
         self._skipped: dict[int, list[int]] = {}  # data-loader worker -> its counters, this run
         self._last_saved = -1
-        self.skipped_steps = 0  # non-finite micro-batches discarded, this run
+        self.nonfinite_micro_batches = 0  # discarded before backward, this run
         self._micro_batches, self._rollbacks = 0, 0
         fault = os.environ.get(checkpoint.FAULT_ENV, "")
         self._fault = tuple(map(int, fault[9:].split("-"))) if fault.startswith("nan-loss:") else None
+        self._crash_at = int(fault[14:]) if fault.startswith("crash-at-step:") else None
         self._window = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, micro-batches
         self._window_metrics: dict[str, torch.Tensor] = {}  # the objective's own terms, summed
         self._window_start = (time.perf_counter(), 0, 0)  # time, step, tokens_seen
@@ -107,11 +130,13 @@ class Trainer:
 
     def save(self) -> None:
         start = time.perf_counter()
+        self._phase("save")
         self._sync_tokens()
         client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
                   "tokens_seen": self.state.tokens_seen,
                   "config": self.config_dict, "data": self.data_state()}
         folder = checkpoint.save(self.engine.ds, self.run_dir, self.state.step, client, self.is_main)
+        self._phase("step")
         self._last_saved = self.state.step
         self.metrics.info(f"saved {folder} in {time.perf_counter() - start:.2f} s")
         if self.is_main:
@@ -152,10 +177,15 @@ class Trainer:
     # -------------------------------------------------------------------------------------- loop
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (a collective)."""
-        t = torch.tensor([float(flag)], device=self.engine.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(self._max_over_ranks(int(flag)))
+
+    def _max_over_ranks(self, value: int) -> int:
+        """``value``'s maximum over the ranks, on every rank (a collective)."""
+        return self._all_reduce([value], torch.distributed.ReduceOp.MAX)[0]
+
+    def _phase(self, name: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.phase(name)
 
     def _forward(self, batches: Iterator[dict]) -> torch.Tensor:
         """Loss of the next micro-batch whose loss is finite on every rank. A non-finite one (on
@@ -182,10 +212,11 @@ class Trainer:
                     total = self._window_metrics.get(name, 0.0)
                     self._window_metrics[name] = total + value.detach().double()
                 return loss
-            self.skipped_steps += 1
+            self.nonfinite_micro_batches += 1
+            self.state.samples_seen += self.cfg.train.micro_batch_size * rank_and_world()[1]  # read
             bad_run += 1
             self.metrics.info(f"non-finite loss at step {self.state.step + 1}: micro-batch skipped "
-                              f"({bad_run} in a row, {self.skipped_steps} in all)")
+                              f"({bad_run} in a row, {self.nonfinite_micro_batches} in all)")
             if bad_run >= self.cfg.train.max_bad_steps:
                 self._roll_back()
                 bad_run = 0
@@ -197,7 +228,9 @@ class Trainer:
             raise RuntimeError(f"{self.cfg.train.max_bad_steps} non-finite losses in a row at step "
                                f"{self.state.step + 1} and " + ("no checkpoint to roll back to"
                                                                 if folder is None else "3 rollbacks already"))
-        self._restore(folder)  # the data stream is NOT rewound
+        read = (self.state.samples_seen, self.state.tokens_seen)
+        self._restore(folder)  # the data stream is NOT rewound: the counts of samples read stay
+        self.state.samples_seen, self.state.tokens_seen = read
         self.metrics.info(f"rolled back to {folder}; the data after the bad batches follows")
 
     def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
@@ -238,7 +271,8 @@ class Trainer:
             metrics["perf/tokens_per_sec"] = (self.state.tokens_seen - start_tokens) / (now - start_time)
             metrics["tokens_seen"] = self.state.tokens_seen
         metrics["data/skipped_samples"], metrics["data/skipped_shards"] = self.skipped()
-        metrics["train/skipped_steps"] = self.skipped_steps
+        metrics["train/skipped_steps"] = int(getattr(self.engine.ds, "skipped_steps", 0))
+        metrics["train/nonfinite_micro_batches"] = self.nonfinite_micro_batches
         self.metrics.log(self.state.step, metrics)
         self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
         self._window.zero_()
@@ -265,7 +299,9 @@ class Trainer:
         if self.evaluate_fn is None:
             return {}
         start = time.perf_counter()
+        self._phase("eval")
         result = self.evaluate_fn()
+        self._phase("step")
         self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in result.items()})
         if self.is_main:
             kind = "mlm" if "mlm_accuracy" in result else "knn"
@@ -278,17 +314,14 @@ class Trainer:
         self._restart_window()  # keep eval out of throughput
         return result
 
-    def _on_signal(self, signum: int, frame) -> None:
-        self._signal = signum
-
     def fit(self) -> TrainState:
         """Train to ``max_steps`` (resuming first per ``cfg.resume``), evaluating and saving on
-        schedule and at the end. SIGTERM or SIGUSR1 on any rank: all ranks save at the next step
-        boundary and return with ``state.preempted`` (exit with ``PREEMPTED_EXIT_CODE``)."""
+        schedule and at the end. A stop signal on any rank (SIGTERM / SIGUSR1: preemption;
+        SIGINT: Ctrl-C): all ranks save at the next step boundary and return with
+        ``state.stop_code`` set (``exits.PREEMPTED`` or ``exits.INTERRUPTED``)."""
         cfg = self.cfg
-        self._signal = None
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
+        if self.stop is None:
+            self.stop = StopSignals().install()
         self.resume()
         self.engine.module.train()
         # Same world size: the loader's first worker continues where the next one in turn was.
@@ -298,6 +331,10 @@ class Trainer:
         while self.state.step < cfg.train.max_steps:
             hparams = self.train_step(batches)
             step = self.state.step
+            if self.watchdog is not None:
+                self.watchdog.beat(step)
+            if step == self._crash_at and rank_and_world()[0] == rank_and_world()[1] - 1:
+                raise RuntimeError(f"injected crash at step {step} ({checkpoint.FAULT_ENV})")
             last = step == cfg.train.max_steps
             if step % cfg.train.log_every == 0 or last:
                 self._log_train(hparams)
@@ -306,12 +343,12 @@ class Trainer:
                 self.save()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
                 self.run_eval()
-            if not last and self._any_rank(self._signal is not None):  # a stop signal anywhere
-                self.metrics.info(f"stop signal: saving at step {step} and exiting with "
-                                  f"code {PREEMPTED_EXIT_CODE}")
+            stop_code = 0 if last else self._max_over_ranks(self.stop.code)  # a signal anywhere
+            if stop_code:
+                self.metrics.info(f"stop signal: saving at step {step} and exiting with code {stop_code}")
                 if self._last_saved != step:
                     self.save()
-                self.state.preempted = True
+                self.state.stop_code = stop_code
                 return self.state
         if self._last_saved != self.state.step:
             self.save()

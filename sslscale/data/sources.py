@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -155,7 +156,8 @@ def prepare(name: str, out_dir: str | os.PathLike, *, split: str = "train", inpu
         raise ValueError(f"unknown image format '{fmt}'; use png or jpg")
     source = open_source(name, split, input_dir)
     shapes: set[tuple[int, ...]] = set()
-    with ShardWriter(out_dir, samples_per_shard) as writer:
+    # An integer mtime: a float one costs tarfile a pax header per member (~1.9x larger shards).
+    with ShardWriter(out_dir, samples_per_shard, mtime=int(time.time())) as writer:
         for i, ex in enumerate(source.examples):
             if limit is not None and i >= limit:
                 break

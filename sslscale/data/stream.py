@@ -1,10 +1,11 @@
 """Reading shards: resumable virtual streams for training, and the evaluation reader.
 
-Training: each data-loader worker of each rank reads the virtual streams ``launcher.plan`` deals
-it, from their saved positions (seeking by the manifest's tar offsets), interleaving them and
-shuffling within blocks of a shard with seeds derived from the position, so replaying from a
-position reproduces the sequence. Streams are endless, so every rank takes exactly ``max_steps``
-steps and none waits on another. Batches carry the positions of the streams they consumed.
+Training: each data-loader worker of each rank reads the virtual streams ``sslscale.data.plan``
+deals it, from their saved positions (``sslscale.data.seek``: a seek index per shard, read only
+when a stream resumes inside that shard), interleaving them and shuffling within blocks of a
+shard with seeds derived from the position, so replaying from a position reproduces the
+sequence. Streams are endless, so every rank takes exactly ``max_steps`` steps and none waits on
+another. Batches carry the positions of the streams they consumed.
 Unreadable data (truncated or corrupt tar, undecodable image, missing shard, HTTP error, failing
 ``pipe:``) is skipped with one warning per shard and counted, or raises with ``strict``.
 
@@ -17,23 +18,22 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import os
+import json
 import random
-import subprocess
-import urllib.request
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from launcher.plan import PlanError, check_streams, locate, stream_shards, streams_for
 from sslscale.data.augment import sample_seed
-from sslscale.data.shards import Manifest, read_tar_samples
+from sslscale.data.plan import PlanError, check_streams, locate, stream_shards, streams_for
+from sslscale.data.seek import open_at, open_shard  # noqa: F401 (open_shard: public here too)
+from sslscale.data.shards import Manifest
+from sslscale.data.tar import read_tar_samples
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 # decode(raw sample, sample seed) -> example dict (ImageDecoder, sslscale.data.masking.MLMDecoder)
 Decoder = Callable[[dict[str, Any], int], dict[str, Any]]
 
@@ -58,30 +58,54 @@ def decode_image(data: bytes, image_size: int, num_channels: int) -> torch.Tenso
 
 class ImageDecoder:
     """A raw WebDataset sample -> ``{"pixel_values": uint8 (C, S, S), "labels": int (-1 = none),
-    "sample_seeds": int}``. Raises ``ValueError`` naming the sample and shard if it has no image,
-    and PIL's errors on undecodable bytes. ``seed`` is the sample's augmentation seed."""
+    "sample_seeds": int}``. ``image_key``: the image member's extension (default: the first of
+    ``IMAGE_KEYS`` present); ``label_key``: an integer member (default ``cls``) or ``json:FIELD``
+    (a field of the sample's ``.json``). Raises ``ValueError`` naming the sample, shard and key
+    if it has no image or a bad label, and PIL's errors on undecodable bytes. ``seed`` is the
+    sample's augmentation seed."""
 
-    def __init__(self, image_size: int, num_channels: int):
+    def __init__(self, image_size: int, num_channels: int, image_key: str | None = None,
+                 label_key: str | None = None):
         self.image_size, self.num_channels = image_size, num_channels
+        self.image_key, self.label_key = image_key, label_key or "cls"
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest, image_size: int, num_channels: int) -> "ImageDecoder":
+        """The decoder of the keys ``manifest`` chose (``sslscale data index``), else the defaults."""
+        keys = manifest.keys or {}
+        return cls(image_size, num_channels, keys.get("image"), keys.get("label"))
 
     def __call__(self, sample: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        keys = (self.image_key,) if self.image_key else IMAGE_KEYS
+        key = next((k for k in keys if k in sample), None)
         if key is None:
             raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no "
-                             f"image ({', '.join(IMAGE_KEYS)})")
-        label = int(sample["cls"]) if "cls" in sample else -1
+                             f"image ({', '.join(keys)})")
         return {"pixel_values": decode_image(sample[key], self.image_size, self.num_channels),
-                "labels": label, "sample_seeds": seed}
+                "labels": self._label(sample), "sample_seeds": seed}
+
+    def _label(self, sample: dict[str, Any]) -> int:
+        try:
+            if self.label_key.startswith("json:"):
+                if "json" not in sample:
+                    return -1
+                value = json.loads(sample["json"]).get(self.label_key[5:], -1)
+                return -1 if value is None else int(value)
+            return int(sample[self.label_key]) if self.label_key in sample else -1
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')}: label "
+                             f"'{self.label_key}' is not an integer ({type(e).__name__}: {e})") from None
 
 
 def decoder_for(cfg, manifest: Manifest) -> Decoder:
     """The decoder for ``manifest``'s modality: token blocks + MLM masking for text
-    (``sslscale.data.masking.MLMDecoder``), images resized to ``model.image_size`` otherwise."""
+    (``sslscale.data.masking.MLMDecoder``), images resized to ``model.image_size`` otherwise
+    (with the manifest's image and label keys)."""
     if manifest.modality == "text":
         from sslscale.data.masking import MLMDecoder
 
         return MLMDecoder.from_config(cfg, manifest)
-    return ImageDecoder(cfg.model.image_size, cfg.model.num_channels)
+    return ImageDecoder.for_manifest(manifest, cfg.model.image_size, cfg.model.num_channels)
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -111,52 +135,16 @@ class DataStats:
                           "(counted in data/skipped_samples; data.strict=true fails instead)")
 
 
-class _PipeReader:
-    """stdout of ``pipe:CMD``; a non-zero exit status is an ``OSError`` once the output ends
-    (not before: what the command wrote is still read)."""
-
-    def __init__(self, command: str):
-        self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
-
-    def read(self, n: int) -> bytes:
-        data = self.proc.stdout.read(n)
-        if len(data) < n and self.proc.wait() != 0:
-            raise OSError(f"pipe:{self.command} exited with status {self.proc.returncode}")
-        return data
-
-    def close(self) -> None:
-        self.proc.stdout.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-def open_shard(url: str):
-    """A binary stream of shard ``url``: a local path, ``http(s)://`` (urllib: an HTTP error or a
-    short body raises), ``pipe:CMD``, or any other scheme WebDataset's ``gopen`` knows."""
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=60)
-    if url.startswith("pipe:"):
-        return _PipeReader(url[5:])
-    if "://" in url:
-        return wds.gopen(url)
-    return open(url, "rb")
-
-
 def _open_at(manifest: Manifest, shard: int, sample: int) -> Iterator[dict[str, Any]]:
-    """Raw samples of ``shard`` from index ``sample`` on: a seek for local tars with offsets,
-    a read-and-discard of the raw bytes otherwise (http(s)://, pipe:)."""
-    url, info = manifest.url(shard), manifest.shards[shard]
-    stream, skip = open_shard(url), sample
-    if info.offsets is not None and isinstance(stream, io.BufferedReader):  # a local file
-        stream.seek(info.offsets[sample] if sample < len(info.offsets) else os.path.getsize(url))
-        skip = 0
+    """Raw samples of ``shard`` from index ``sample`` on (``sslscale.data.seek.open_at``: a
+    seek for local tars, an HTTP Range, a replay for ``pipe:``). Opens lazily, at the first
+    ``next``, so that opening errors surface where reading errors do."""
+    opened = open_at(manifest, shard, sample)
     try:
-        yield from itertools.islice(read_tar_samples(stream, url), skip, None)
+        yield from itertools.islice(read_tar_samples(opened.stream, manifest.url(shard)), opened.skip, None)
     finally:
         with contextlib.suppress(Exception):  # a failed stream already raised while reading
-            stream.close()
+            opened.stream.close()
 
 
 class StreamReader:
@@ -165,14 +153,15 @@ class StreamReader:
     Shards are read in blocks of ``block`` consecutive samples, each block permuted by a seed of
     (seed, epoch, stream, shard, block): the order is a pure function of the position, so
     replaying from ``k`` reproduces the sequence. Yields ``(raw_sample or None, k_after)``;
-    ``None`` marks a slot whose sample could not be read (counted in ``stats``).
+    ``None`` marks a slot whose sample could not be read (counted in ``stats``). ``counts``
+    (samples per shard, the manifest's) may be shared by the readers of a worker.
     """
 
     def __init__(self, manifest: Manifest, stream: int, *, num_streams: int, seed: int,
-                 block: int, k: int, stats: DataStats):
+                 block: int, k: int, stats: DataStats, counts: Sequence[int] | None = None):
         self.manifest, self.stream, self.num_streams = manifest, stream, num_streams
         self.seed, self.block, self.k, self.stats = seed, max(block, 1), k, stats
-        self.counts = [s.num_samples for s in manifest.shards]
+        self.counts = counts if counts is not None else [s.num_samples for s in manifest.shards]
         self.total = sum(self.counts)
 
     def _shard_slots(self, epoch: int, shard: int, start: int) -> Iterator[dict[str, Any] | None]:
@@ -234,7 +223,7 @@ class TrainStream(IterableDataset):
     per-sample augmentation / masking), ``stream_positions`` (n, 2) int64 rows of (stream, samples
     yielded) and ``data_skipped`` (3,) int64 (worker, skipped samples, skipped shards).
 
-    Each data-loader worker reads its virtual streams (``launcher.plan.streams_for``) from
+    Each data-loader worker reads its virtual streams (``sslscale.data.plan.streams_for``) from
     ``positions`` and interleaves them, always taking the stream that is least advanced.
     Raises ``PlanError`` at construction when the streams cannot be dealt evenly.
     """
@@ -258,9 +247,10 @@ class TrainStream(IterableDataset):
         return streams_for(self.num_streams, self.world_size, self.num_workers, self.rank, worker, self.phase)
 
     def _examples(self, worker: int, stats: DataStats) -> Iterator[tuple[dict[str, Any], int, int]]:
-        streams = self._streams(worker)
+        streams, counts = self._streams(worker), [s.num_samples for s in self.manifest.shards]
         readers = {s: iter(StreamReader(self.manifest, s, num_streams=self.num_streams, seed=self.seed,
-                                        block=self.shuffle_buffer, k=self.positions[s], stats=stats))
+                                        block=self.shuffle_buffer, k=self.positions[s], stats=stats,
+                                        counts=counts))
                    for s in streams}
         k = {s: self.positions[s] for s in streams}
         while True:
@@ -288,11 +278,13 @@ class TrainStream(IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data-loader workers leave SIGTERM / SIGUSR1 to their rank, which saves and then stops
-    them (Slurm and ``kill -TERM -PGID`` signal every process of the job)."""
+    """Data-loader workers leave SIGTERM / SIGUSR1 / SIGINT to their rank, which saves first
+    (Slurm, ``kill -TERM -PGID`` and Ctrl-C signal every process of the job or terminal). They
+    end with the loader's shutdown, when their rank exits (``sslscale.exits`` SIGKILLs them on
+    every exit path), or within seconds of their rank dying (PyTorch's parent watchdog)."""
     import signal
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -6,7 +6,7 @@ by the data workers (``sslscale.data.masking``). The prediction head runs on the
 positions only (as NVIDIA's ``dense_seq_output`` and MosaicBERT): hidden states ``(B, L, H)``
 are gathered to ``(K, H)`` for the K predicted tokens before the transform + vocabulary
 projection, which gives the same loss as the full head at ~K/(B*L) of its FLOPs and memory.
-The exported encoder is the ``BertModel`` without the head.
+The export is the ``BertForMaskedLM`` itself (encoder and trained head; ``AutoModel`` loads its ``BertModel``).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ import sys
 import pytest
 import torch
 
-from launcher.plan import Epochs
 from sslscale import checkpoint
+from sslscale.data.plan import Epochs
 from sslscale.data.shards import load_manifest, read_tar_samples
 from sslscale.data.stream import DataStats, StreamReader
 

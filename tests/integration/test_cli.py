@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ..conftest import DEMO_RECIPE, ROOT, sslscale_cmd, tiny_overrides
+from ..conftest import DEMO_RECIPE, MLM_RECIPE, ROOT, sslscale_cmd, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -117,8 +117,49 @@ def test_non_finite_loss_is_skipped_then_rolled_back(real_shards, tmp_path, bad,
     rows = [r for r in metrics(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows][-2:] == [5, 6] and all(math.isfinite(r["train/loss"]) for r in rows)
     first, last = map(int, bad.split("-"))
-    assert rows[-1]["train/skipped_steps"] == last - first + 1
+    assert rows[-1]["train/nonfinite_micro_batches"] == last - first + 1
+    # samples_seen counts what was read: the discarded micro-batches too, across the rollback
+    assert rows[-1]["samples_seen"] == (6 + last - first + 1) * 16
     assert ("rolled back to" in done.stderr) == rolled_back
     if rolled_back:  # 3 bad in a row at step 5: back to step 4's checkpoint, step 5 redone
         assert f"rolled back to {run_dir / 'checkpoints' / 'step-00000004'}" in done.stderr
         assert [r["step"] for r in rows].count(5) == 1
+
+
+def test_misspelled_key_suggests_the_right_one():
+    proc = run("train", str(DEMO_RECIPE), "train.max_step=5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: command line: unknown key 'train.max_step'; "
+                                   "did you mean 'train.max_steps'?")
+
+
+@pytest.mark.parametrize("command", [("train",), ("launch", "--nproc", "1"), ("submit", "--dry-run")])
+def test_warmup_longer_than_the_run_is_warned_before_starting(tmp_path, command):
+    missing = tmp_path / "no-shards"  # the run then stops at its first check, after the warning
+    proc = run(*command, str(DEMO_RECIPE), "train.max_steps=5", "optim.warmup_steps=10",
+               f"data.train_shards={missing}", f"run_dir={tmp_path / 'run'}")
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("warning: train.max_steps = 5 <= optim.warmup_steps = 10: ")
+    assert proc.returncode == 2 and lines[-1].startswith("error: ") and str(missing) in lines[-1]
+
+
+def test_data_prepare_image_folder_needs_input(tmp_path):
+    proc = run("data", "prepare", "image-folder", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: image-folder needs --input DIR (a folder of images; class sub-folders DIR/<class>/ "
+        "become labels)"]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("recipe, wrong, right", [(MLM_RECIPE, "knn", "mlm"), (DEMO_RECIPE, "mlm", "knn")])
+def test_eval_of_the_wrong_kind_of_run_names_the_right_command(tmp_path, recipe, wrong, right):
+    from sslscale.config import load_config, save_config
+
+    run_dir = tmp_path / "run"
+    save_config(load_config(recipe, [f"run_dir={run_dir}"]), run_dir / "config.yaml")
+    proc = run("eval", wrong, str(run_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert lines[0].endswith(f"use `sslscale eval {right} {run_dir}`")

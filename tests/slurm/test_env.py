@@ -1,11 +1,14 @@
 """launcher/env.py: which variables give rank, world size and node (torchrun, an srun task, the
-batch shell, none), the Slurm hostlist's first host, and errors that name the variable."""
+batch shell, none), the Slurm hostlist's first host, errors that name the variable, and a taken
+rendezvous port reported in one line."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from launcher.env import first_host, read_env, slurm_port
+from launcher.env import RendezvousPortInUse, first_host, read_env, rendezvous_errors, slurm_port
 
 SRUN_TASK = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
              "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NODEID": "1",
@@ -65,3 +68,31 @@ def test_no_launcher_is_one_process_on_a_free_port():
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_env(env)
+
+
+@pytest.mark.parametrize("env, hint", [
+    (SRUN_TASK, ("set slurm.master_port to a free port and resubmit; with slurm.master_port=0 (the "
+                 "default) each attempt of job 1234 moves to a free port")),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "give torchrun another --master-port"),
+    ({}, "unset MASTER_PORT"),
+])
+def test_a_taken_rendezvous_port_is_one_line_naming_port_and_key(env, hint):
+    """Rank 0's real TCPStore on a port another process listens on (what init_process_group does)."""
+    import torch.distributed as dist
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run_env = read_env({**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        with pytest.raises(RendezvousPortInUse) as caught, rendezvous_errors(run_env):
+            dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False)
+    message = str(caught.value)
+    assert message.startswith(f"rendezvous port {port} on 127.0.0.1 (MASTER_PORT) is already in use")
+    assert hint in message and "\n" not in message
+    assert "EADDRINUSE" in str(caught.value.__cause__)  # torch's own error, kept for the traceback file
+
+
+def test_other_rendezvous_errors_pass_unchanged():
+    with pytest.raises(RuntimeError, match="connection refused"), rendezvous_errors(read_env(SRUN_TASK)):
+        raise RuntimeError("connection refused")

@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from launcher.plan import Epochs
+from sslscale.data.plan import Epochs
 from sslscale.data.stream import DataStats, ImageDecoder, StreamReader, TrainStream, decode_or_skip
+from sslscale.data.tar import sample_offsets
 
 from .test_plan import write_shards
 
@@ -37,7 +38,7 @@ def first_epoch(manifest):
 def test_truncated_shard(tmp_path):
     manifest = write_shards(tmp_path, COUNTS)
     path = tmp_path / manifest.shards[1].name
-    path.write_bytes(path.read_bytes()[: manifest.shards[1].offsets[3] + 100])  # cut in sample 9
+    path.write_bytes(path.read_bytes()[: sample_offsets(path)[3] + 100])  # cut in sample 9
     labels, stats = first_epoch(manifest)
     # Sample 8 is whole, but nothing proves it (its sample could have had more members): dropped.
     assert labels == [i for i in range(24) if i not in (8, 9, 10, 11)]
@@ -48,7 +49,7 @@ def test_undecodable_image(tmp_path):
     manifest = write_shards(tmp_path, COUNTS)
     path = tmp_path / manifest.shards[2].name
     data = bytearray(path.read_bytes())
-    at = data.index(b"\x89PNG", manifest.shards[2].offsets[4])
+    at = data.index(b"\x89PNG", sample_offsets(path)[4])
     data[at:at + 8] = b"garbage!"  # sample 16's image no longer decodes
     path.write_bytes(bytes(data))
     labels, stats = first_epoch(manifest)
@@ -69,7 +70,8 @@ def test_missing_shard_and_strict(tmp_path):
 
 
 class DroppingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files; for shard-000003.tar sends the full Content-Length but only half the bytes."""
+    """Serves files; for shard-000003.tar sends the full Content-Length but the bytes only up to
+    600 bytes into its fourth sample (past its first header)."""
 
     def log_message(self, *args):
         pass
@@ -77,7 +79,7 @@ class DroppingHandler(http.server.SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile):
         if self.path.endswith("shard-000003.tar"):
             data = source.read()
-            outputfile.write(data[: len(data) // 2])
+            outputfile.write(data[: sample_offsets(source.name)[3] + 600])
             outputfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_WR)  # FIN after the bytes sent: short body

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launcher.plan import PlanError
+from sslscale.data.plan import PlanError
 from sslscale.data.shards import ShardWriter, load_manifest
 from sslscale.data.sources import prepare, read_idx, FASHION_MNIST_DIR
 from sslscale.data.stream import ImageDecoder, TrainStream, eval_batches, train_loader
@@ -32,7 +32,9 @@ def test_writer_manifest_counts_and_hashes(image_folder, tmp_path):
     assert raw["num_samples"] == 10 and raw["num_shards"] == 3
     for shard in loaded.shards:
         data = (tmp_path / "out" / shard.name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == shard.sha256
+        assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.size
+        assert b"PaxHeader" not in data  # an integer mtime: no pax header per member
+        assert (tmp_path / "out" / (shard.name + ".idx")).stat().st_size == 24 + 8 * shard.num_samples
 
 
 def test_eval_reader_returns_every_sample_once_in_order(image_folder, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from launcher.plan import Epochs, PlanError, check_streams, describe, epoch_order, locate, stream_shards
+from sslscale.data.plan import Epochs, PlanError, check_streams, describe, epoch_order, locate, stream_shards
 from sslscale.data.shards import ShardWriter
 from sslscale.data.stream import DataStats, ImageDecoder, TrainStream, train_loader
 

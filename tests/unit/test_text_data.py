@@ -17,6 +17,7 @@ from launcher.cli import main as cli
 from sslscale.data import sources
 from sslscale.data.shards import ShardWriter, load_manifest, read_tar_samples
 from sslscale.data.sources import open_text_source
+from sslscale.data.tar import sample_offsets
 from sslscale.data.text import decode_token_block, load_tokenizer, prepare_text, split_documents
 
 SEQ_LEN, VOCAB = 64, 1000
@@ -116,7 +117,9 @@ def test_manifest_fields(pydoc):
         assert meta["corpus_tokens"] - meta["dropped_tokens"] == m.num_samples * (SEQ_LEN - 2)
         assert 0 <= meta["dropped_tokens"] < SEQ_LEN - 2
         assert meta["tokenizer"] == "tokenizer" and (Path(m.root) / "tokenizer" / "tokenizer.json").is_file()
-        assert all(len(s.offsets) == s.num_samples and s.sha256 for s in m.shards)
+        assert all(len(sample_offsets(m.url(i))) == s.num_samples and s.sha256 and s.size
+                   and Path(m.index_url(i)).stat().st_size == 24 + 8 * s.num_samples
+                   for i, s in enumerate(m.shards))
     assert train.meta["tokenizer_sha256"] == val.meta["tokenizer_sha256"]
     assert len(train.shards) >= 32 and len(val.shards) == 1
     s = pydoc["summary"]
@@ -178,7 +181,7 @@ def test_corrupt_sample_and_missing_tokenizer_name_key_and_shard(pydoc, tmp_path
     shutil.copytree(pydoc["out"] / "val", tmp_path / "val")
     manifest = load_manifest(tmp_path / "val")
     shard = Path(manifest.url(0))
-    start = manifest.shards[0].offsets[1]
+    start = sample_offsets(shard)[1]
     magic = shard.read_bytes().index(b"\x93NUMPY", start)  # the second sample's .npy header
     with open(shard, "r+b") as f:
         f.seek(magic)

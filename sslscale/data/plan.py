@@ -1,5 +1,9 @@
 """The shard plan: virtual streams, who reads them, and where each epoch ends. Pure Python.
 
+Data, not launching: the readers (``sslscale.data.stream``) follow it in every process, and the
+launcher (``sslscale data plan``, the checks before ``launch`` / ``submit``) calls it to check a
+plan before starting any process. It imports nothing from ``launcher/``.
+
 Each epoch the shard list is permuted with a seed derived from ``(seed, epoch)`` and dealt
 round-robin to a fixed number ``V`` of **virtual streams** (``data.num_streams``), independent of
 the world size. A stream's samples are the concatenation of its shards, epoch after epoch: an
@@ -19,7 +23,7 @@ A stream's position is the number of samples it has yielded, ``k``; ``locate`` t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
@@ -37,6 +41,9 @@ def check_streams(num_shards: int, num_streams: int, world_size: int, num_worker
                   where: str = "data") -> None:
     """``PlanError`` naming ``where`` and the values that would work, unless every slot gets the
     same number (>= 1) of streams and every stream gets at least one shard per epoch."""
+    if world_size < 1 or num_workers < 0:
+        raise PlanError(f"{where}: the world size must be >= 1 and data.num_workers >= 0, got "
+                        f"{world_size} and {num_workers}")
     slots = reader_slots(world_size, num_workers)
     if num_streams > num_shards:
         raise PlanError(f"{where}: data.num_streams={num_streams} exceeds the {num_shards} shard(s); "
@@ -74,18 +81,29 @@ def streams_for(num_streams: int, world_size: int, num_workers: int, rank: int, 
 
 @dataclass(frozen=True)
 class Epochs:
-    """Per-epoch arithmetic of a plan. ``cuts[e]``: samples every stream yields by the end of
-    epoch ``e``; ``totals[e][s]``: samples stream ``s`` holds in epochs ``0..e``."""
+    """Per-epoch arithmetic of a plan. ``cut(e)``: samples every stream yields by the end of
+    epoch ``e``; ``totals(e)[s]``: samples stream ``s`` holds in epochs ``0..e``. Each epoch's
+    per-stream sums are computed once, in one pass over the shards (O(shards), cached)."""
 
     counts: tuple[int, ...]
     num_streams: int
     seed: int
+    _per_epoch: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def epoch_samples(self, epoch: int) -> tuple[int, ...]:
+        """Samples each stream holds in ``epoch`` alone: ``(num_streams,)``."""
+        if epoch not in self._per_epoch:
+            sums = [0] * self.num_streams
+            for i, shard in enumerate(epoch_order(len(self.counts), self.seed, epoch)):
+                sums[i % self.num_streams] += self.counts[shard]
+            self._per_epoch[epoch] = tuple(sums)
+        return self._per_epoch[epoch]
 
     def totals(self, epoch: int) -> list[int]:
-        return [sum(self.stream_samples(e, s) for e in range(epoch + 1)) for s in range(self.num_streams)]
+        return [sum(col) for col in zip(*(self.epoch_samples(e) for e in range(epoch + 1)))]
 
     def stream_samples(self, epoch: int, stream: int) -> int:
-        return sum(self.counts[i] for i in stream_shards(len(self.counts), self.num_streams, self.seed, epoch, stream))
+        return self.epoch_samples(epoch)[stream]
 
     def cut(self, epoch: int) -> int:
         """Samples per stream from the start of training to the end of ``epoch``."""
