@@ -1,7 +1,7 @@
-# sslscale for CUDA GPUs: the PyTorch base image with the tested torch (2.13.0, constraints.txt;
+# sslscale for CUDA GPUs: the PyTorch base image with the tested torch (2.13.0, requirements.lock;
 # the build stops if the base has another), DeepSpeed with its fused ops compiled at build time,
-# the dependencies, then the project (a regular, non-editable install); runs as a non-root user;
-# entrypoint `sslscale`.
+# the dependencies at their tested versions (requirements.lock), then the project (a regular,
+# non-editable install); runs as a non-root user; entrypoint `sslscale`.
 #
 #   docker build -t sslscale .
 #   docker run --gpus all --ipc=host --user "$(id -u):$(id -g)" -v "$PWD:/workspace" \
@@ -19,7 +19,6 @@ ARG BASE_IMAGE
 
 # 8.0 A100, 8.6 A10 / RTX 30xx, 8.9 L4 / L40S, 9.0 H100 / H200.
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
-ARG DEEPSPEED_VERSION=0.19.8
 ARG USER_UID=1000
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -45,22 +44,32 @@ RUN existing="$(getent passwd "${USER_UID}" | cut -d: -f1)" \
  && chmod 1777 /cache \
  && chown sslscale /workspace
 
-# The tested torch only: the base image's must be the version constraints.txt pins, and pip may
-# never replace it with another build (its exact version, CUDA tag included, becomes the pin).
-COPY constraints.txt /tmp/sslscale-constraints.txt
-RUN tested="$(sed -n 's/^torch==\([^ ;#+]*\).*/\1/p' /tmp/sslscale-constraints.txt)" \
+# The tested versions: the base image's torch must be the one requirements.lock pins, and pip may
+# never replace it (its exact version, CUDA tag included, becomes the pin). The constraint of every
+# later install is the lock, less the packages the base image already has (torch's CUDA stack:
+# triton, nvidia-*, sympy ...; pip keeps them as they are when they satisfy the requirements).
+COPY requirements.lock /tmp/sslscale-requirements.lock
+RUN tested="$(sed -n 's/^torch==\([^ ;#+]*\).*/\1/p' /tmp/sslscale-requirements.lock)" \
  && have="$(python -c 'import torch; print(torch.__version__)')" \
  && if [ "${have%%+*}" != "${tested}" ]; then \
-      echo "error: ${BASE_IMAGE} has torch ${have}; sslscale is tested with torch ${tested} (constraints.txt): use a BASE_IMAGE with it" >&2; \
+      echo "error: ${BASE_IMAGE} has torch ${have}; sslscale is tested with torch ${tested} (requirements.lock): use a BASE_IMAGE with it" >&2; \
       exit 1; fi \
  && mkdir -p /etc/sslscale \
- && echo "torch==${have}" > /etc/sslscale/constraints.txt \
+ && python -c "import re, sys; from importlib.metadata import distributions; \
+norm = lambda n: re.sub(r'[-_.]+', '-', n).lower(); \
+base = {norm(d.metadata['Name']) for d in distributions()}; \
+lock = [l for l in open(sys.argv[1]).read().splitlines() if l and not l.startswith('#')]; \
+print('\n'.join(['torch==' + sys.argv[2]] + [l for l in lock if norm(l.split('==')[0]) not in base]))" \
+    /tmp/sslscale-requirements.lock "${have}" > /etc/sslscale/constraints.txt \
+ && rm /tmp/sslscale-requirements.lock \
  && cat /etc/sslscale/constraints.txt
 
-# DeepSpeed's fused Adam (GPU) and CPU Adam, compiled now rather than on first use in every job.
-RUN pip install ninja==1.13.0 \
+# DeepSpeed's fused Adam (GPU) and CPU Adam, compiled now rather than on first use in every job
+# (DeepSpeed and ninja at their versions in requirements.lock, through PIP_CONSTRAINT).
+# hadolint ignore=DL3013
+RUN pip install ninja \
  && DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 \
-    pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
+    pip install --no-build-isolation deepspeed \
  && DS_ACCELERATOR=cuda ds_report | grep -E "fused_adam|cpu_adam"
 
 # The dependencies (and the gpu extra) named in pyproject.toml, before any code: this layer is

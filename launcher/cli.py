@@ -10,11 +10,48 @@ can fix (a bad config key, a missing shard folder, a shard plan that cannot work
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
+import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Sequence
+
+TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def default_torch_extensions_dir() -> Path | None:
+    """Where DeepSpeed's JIT-compiled C++ ops go when ``TORCH_EXTENSIONS_DIR`` is unset: one
+    folder per interpreter prefix (virtualenv) and torch version,
+    ``${XDG_CACHE_HOME:-~/.cache}/sslscale/torch_extensions/py311-torch2.13.0+cpu-<hash>``, so
+    that two virtualenvs never load (or overwrite) each other's builds, as they do in torch's
+    shared default ``~/.cache/torch_extensions/py311_cpu``. None if torch is not installed.
+    Reads package metadata only: torch is not imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        return None
+    tag = hashlib.sha256(f"{sys.prefix}\0{torch_version}".encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache / "sslscale" / "torch_extensions"
+            / f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch_version}-{tag}")
+
+
+def _default_torch_extensions_env() -> bool:
+    """Set ``TORCH_EXTENSIONS_DIR`` to ``default_torch_extensions_dir()`` for this process and
+    the ranks it starts, unless it is set (the Makefile, the Docker image, the user: they win).
+    True if it was set here."""
+    if os.environ.get(TORCH_EXTENSIONS_ENV):
+        return False
+    path = default_torch_extensions_dir()
+    if path is None:
+        return False
+    os.environ[TORCH_EXTENSIONS_ENV] = str(path)
+    return True
 
 
 def _data_prepare_text(args: argparse.Namespace) -> int:
@@ -46,8 +83,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
         return 2
     try:
         manifest = prepare(args.source, args.out, split=args.split, input_dir=(args.input or [None])[0],
-                           samples_per_shard=args.samples_per_shard or 5000, fmt=args.format,
-                           limit=args.limit)
+                           samples_per_shard=args.samples_per_shard, fmt=args.format,
+                           limit=args.limit, workers=args.workers, max_size=args.max_size)
     except ValueError as e:  # a bad flag value, an image the source cannot hold
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -122,15 +159,16 @@ def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
 
 def _with_config_warnings(func):
     """Run a train / launch / submit sub-command after printing ``sslscale.config.warnings_for``
-    its config (valid values that are probably a mistake), one ``warning:`` line each on
-    stderr; only once (rank 0) when ``sslscale train`` runs under torchrun or srun."""
+    its config (valid values that are probably a mistake), then the shards whose images differ
+    from the model's input (``sslscale.data.shards.image_shape_warnings``), one ``warning:``
+    line each on stderr; only once (rank 0) when ``sslscale train`` runs under torchrun or srun."""
     def run(args: argparse.Namespace) -> int:
-        import os
-
         from sslscale.config import load_config, warnings_for
+        from sslscale.data.shards import image_shape_warnings
 
         if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
-            for message in warnings_for(load_config(args.config, args.overrides)):
+            cfg = load_config(args.config, args.overrides)
+            for message in warnings_for(cfg) + image_shape_warnings(cfg):
                 print(f"warning: {message}", file=sys.stderr)
         return func(args)
     return run
@@ -146,7 +184,7 @@ def _launch(args: argparse.Namespace) -> int:
     from launcher.local import launch
 
     _preflight(args.config, args.overrides, args.nproc)
-    return launch(args.nproc, args.config, args.overrides)
+    return launch(args.nproc, args.config, args.overrides, master_port=args.master_port)
 
 
 def _one_line_errors(*types: type | str):
@@ -165,8 +203,22 @@ def _one_line_errors(*types: type | str):
     return wrap
 
 
+def _result_on_stdout(func):
+    """Decorator for sub-commands whose stdout is one JSON line for machines: while ``func(args,
+    out)`` works, whatever else writes to ``sys.stdout`` (DeepSpeed's logger does) goes to
+    stderr; ``func`` prints its result to ``out``, the real stdout."""
+    def run(args: argparse.Namespace) -> int:
+        import contextlib
+
+        out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return func(args, out)
+    return run
+
+
 @_one_line_errors(ValueError)  # kNN on an MLM run or the reverse, unlabeled data
-def _eval_knn(args: argparse.Namespace) -> int:
+@_result_on_stdout
+def _eval_knn(args: argparse.Namespace, out) -> int:
     from sslscale.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, step=args.step, train_shards=args.train_shards,
@@ -175,23 +227,57 @@ def _eval_knn(args: argparse.Namespace) -> int:
                           max_test_samples=args.max_test_samples, k=args.k)
     line = json.dumps(result)
     if args.baseline:  # kept in the run (the model card quotes it)
-        from pathlib import Path
-
         from sslscale.checkpoint import tag_for
 
-        out = Path(args.run_dir) / "eval" / f"knn-vs-random-init-{tag_for(result['step'])}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(line + "\n")
-    print(line)
+        kept = Path(args.run_dir) / "eval" / f"knn-vs-random-init-{tag_for(result['step'])}.json"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(line + "\n")
+    print(line, file=out)
+    return 0
+
+
+@_one_line_errors(ValueError)  # an MLM run, unlabeled data
+@_result_on_stdout
+def _eval_linear(args: argparse.Namespace, out) -> int:
+    from sslscale.linear_probe import probe_run
+
+    print(json.dumps(probe_run(args.run_dir, step=args.step, train_shards=args.train_shards,
+                               test_shards=args.test_shards, baseline=args.baseline,
+                               max_train_samples=args.max_train_samples,
+                               max_test_samples=args.max_test_samples, epochs=args.epochs,
+                               batch_size=args.batch_size, lr=args.lr)), file=out)
+    return 0
+
+
+@_one_line_errors(ValueError, RuntimeError)  # an MLM run; a fine-tuning run that failed
+def _eval_finetune(args: argparse.Namespace) -> int:
+    from sslscale.finetune import finetune_run
+
+    # The two runs' ranks inherit file descriptor 1: their lines (a JSON line per evaluation)
+    # go to stderr, so this command's stdout is its one result line.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = finetune_run(args.run_dir, train_shards=args.train_shards,
+                              test_shards=args.test_shards, steps=args.steps, step=args.step,
+                              nproc=args.nproc, from_scratch_only=args.from_scratch,
+                              overrides=args.overrides)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(json.dumps(result), flush=True)
     return 0
 
 
 @_one_line_errors(ValueError)  # kNN on an MLM run or the reverse, unlabeled data
-def _eval_mlm(args: argparse.Namespace) -> int:
+@_result_on_stdout
+def _eval_mlm(args: argparse.Namespace, out) -> int:
     from sslscale.evaluate import evaluate_mlm_run
 
     print(json.dumps(evaluate_mlm_run(args.run_dir, step=args.step, test_shards=args.test_shards,
-                                      max_test_samples=args.max_test_samples)))
+                                      max_test_samples=args.max_test_samples)), file=out)
     return 0
 
 
@@ -213,24 +299,26 @@ def _ckpt_info(args: argparse.Namespace) -> int:
 
 
 @_one_line_errors("sslscale.export:ExportError", FileExistsError, ValueError, pickle.UnpicklingError)
-def _export(args: argparse.Namespace) -> int:
+@_result_on_stdout
+def _export(args: argparse.Namespace, out) -> int:
     from sslscale.hub import export_run
 
     r = export_run(args.run_dir, args.out, step=args.step, repo_id=args.repo_id,
                    license=args.license, overwrite=args.overwrite)
     print(json.dumps({"out": str(r.out), "step": r.step, "objective": r.objective,
                       "class": r.published_class, "num_params": r.num_params,
-                      "round_trip_max_abs_diff": r.round_trip_diff}))
+                      "round_trip_max_abs_diff": r.round_trip_diff}), file=out)
     return 0
 
 
 @_one_line_errors("sslscale.export:ExportError", FileExistsError, ValueError, pickle.UnpicklingError)
-def _push(args: argparse.Namespace) -> int:
+@_result_on_stdout
+def _push(args: argparse.Namespace, out) -> int:
     from sslscale.hub import push_run
 
     # hub errors (no token, offline, 401, upload) are HubError: one error line, exit 2
     print(json.dumps(push_run(args.run_dir, args.repo_id, step=args.step, private=args.private,
-                              revision=args.revision, license=args.license)))
+                              revision=args.revision, license=args.license)), file=out)
     return 0
 
 
@@ -272,8 +360,6 @@ def _add_hub_commands(sub) -> None:
 @_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
 @_with_config_warnings
 def _submit(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from launcher import slurm
     from sslscale.config import load_config, save_config
 
@@ -281,12 +367,16 @@ def _submit(args: argparse.Namespace) -> int:
     job = slurm.prepare(cfg, {k: getattr(args, k) for k in slurm.FLAGS}, workdir=Path.cwd(),
                         python=args.python)
     _preflight(args.config, args.overrides, job.spec.world_size)
+    if job.spec.container_image and os.environ.get(TORCH_EXTENSIONS_ENV) == str(default_torch_extensions_dir()):
+        del os.environ[TORCH_EXTENSIONS_ENV]  # this host's cache means nothing in the image (it sets its own)
     if args.dry_run:
         print(job.script, end="")
         return 0
     job_id = slurm.submit_script(job, lambda path: save_config(cfg, path))
-    print(f"submitted job {job_id} ({job.spec.nodes} node(s) x {job.spec.ntasks_per_node} rank(s)); "
-          f"script and log in {job.script_path.parent}", file=sys.stderr)
+    from sslscale.log import get_logger
+
+    get_logger().info(f"submitted job {job_id} ({job.spec.nodes} node(s) x {job.spec.ntasks_per_node} "
+                      f"rank(s)); script and log in {job.script_path.parent}")
     print(job_id)
     return 0
 
@@ -354,7 +444,7 @@ DESCRIPTION = ("Self-supervised pretraining of encoders (MAE, BERT-style MLM, Si
                "SimSiam) on WebDataset shards, from one CPU to many GPU nodes under Slurm.")
 
 EPILOG = """\
-a run: data prepare -> train | launch | submit -> eval knn | mlm -> export | push
+a run: data prepare -> train | launch | submit -> eval knn | linear | finetune | mlm -> export | push
 
 example (Fashion-MNIST: apt-get install dataset-fashion-mnist):
   sslscale data prepare fashion-mnist --split train --out data/demo/train
@@ -415,9 +505,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--input", nargs="+", help="folder of images (image-folder); text files or "
                       "folders of .txt/.rst/.md(.gz) (text; default: Debian python3.11-doc)")
     prep.add_argument("--samples-per-shard", type=int,
-                      help="default: 5000 images; text: train in >= 32 shards, val in 1 (<= 10000 blocks each)")
+                      help="default: fashion-mnist / mnist5k 5000; image-folder: >= 64 shards of <= 1000 "
+                      "images and <= 256 MB (the default data.num_streams can read them); text: train "
+                      "in >= 32 shards, val in 1 (<= 10000 blocks each)")
     prep.add_argument("--format", default="png", choices=["png", "jpg"],
-                      help="image encoding in the shards (png: lossless)")
+                      help="image encoding in the shards (png: lossless); image-folder keeps JPEG / PNG / "
+                      "WebP files as they are and stores other formats in this one")
+    prep.add_argument("--workers", type=int, help="image-folder: processes reading / re-encoding images "
+                      "(default: CPU count, at most 16)")
+    prep.add_argument("--max-size", type=int, help="image-folder: shrink images whose longer side exceeds "
+                      "this many pixels (aspect kept, re-encoded); default: store every file as it is")
     prep.add_argument("--limit", type=int, help="keep only the first N samples (text: documents)")
     prep.add_argument("--vocab-size", type=int, default=8192, help="text: WordPiece vocabulary size")
     prep.add_argument("--tokenizer", help="text: reuse this Hugging Face tokenizer folder instead of training one")
@@ -454,12 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         if name == "launch":
             p.add_argument("--nproc", type=int, required=True, help="number of local ranks")
+            p.add_argument("--master-port", type=int,
+                           help="rendezvous port on 127.0.0.1 (default: a free one)")
         p.add_argument("config", help="YAML recipe, e.g. configs/demo/mae_vit_tiny_fmnist.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
         p.set_defaults(func=_with_config_warnings(func))
 
     run_dir_help = "the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist"
-    ev = sub.add_parser("eval", help="evaluate a run: kNN (images) or masked tokens (text)").add_subparsers(
+    ev = sub.add_parser("eval", help="evaluate a run: kNN, linear probe, fine-tuning (images) or masked tokens (text)").add_subparsers(
         dest="action", required=True)
     knn = ev.add_parser("knn", help="weighted kNN top-1 of the frozen encoder (image runs)")
     knn.add_argument("run_dir", help=run_dir_help)
@@ -481,6 +580,33 @@ def build_parser() -> argparse.ArgumentParser:
     mlm.add_argument("--max-test-samples", type=int,
                      help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
     mlm.set_defaults(func=_eval_mlm)
+    linear = ev.add_parser("linear", help="linear probe of the frozen encoder: BatchNorm + linear layer "
+                           "trained on its features (MAE / MoCo v3 protocol; image runs)")
+    linear.add_argument("run_dir", help=run_dir_help)
+    linear.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    linear.add_argument("--train-shards", help="labeled training shards (default: run's eval.train_shards)")
+    linear.add_argument("--test-shards", help="labeled test shards (default: run's eval.test_shards)")
+    linear.add_argument("--baseline", action="store_true", help="also probe the same architecture at random init")
+    linear.add_argument("--max-train-samples", type=int,
+                        help="first N training samples (default: run's eval.max_train_samples, else all)")
+    linear.add_argument("--max-test-samples", type=int,
+                        help="first N test samples (default: run's eval.max_test_samples, else all)")
+    linear.add_argument("--epochs", type=int, default=100, help="passes over the features")
+    linear.add_argument("--batch-size", type=int, default=256, help="SGD batch")
+    linear.add_argument("--lr", type=float, default=0.1, help="base learning rate per 256 samples")
+    linear.set_defaults(func=_eval_linear)
+    tune = ev.add_parser("finetune", help="fine-tune the encoder on labeled shards (objective classify) "
+                         "beside the same architecture trained from scratch at the same budget")
+    tune.add_argument("run_dir", help=run_dir_help)
+    tune.add_argument("--train-shards", required=True, help="labeled training shards")
+    tune.add_argument("--test-shards", required=True, help="labeled test shards (top-1)")
+    tune.add_argument("--steps", type=int, default=1000, help="optimizer steps of each run")
+    tune.add_argument("--step", type=int, help="pretraining checkpoint step (default: latest complete)")
+    tune.add_argument("--nproc", type=int, default=1, help="local ranks of each run")
+    tune.add_argument("--from-scratch", action="store_true", help="run only the from-scratch baseline")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="another dotted override for both runs, e.g. --set optim.lr=5e-4 (repeatable)")
+    tune.set_defaults(func=_eval_finetune)
     ck = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="action", required=True)
     info = ck.add_parser("info", help="list a run's checkpoints: step, size, world size, completeness")
     info.add_argument("run_dir", help=run_dir_help)
@@ -493,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _default_torch_extensions_env()  # before anything imports DeepSpeed
     from sslscale.data.plan import PlanError
     from sslscale.config import ConfigError
 

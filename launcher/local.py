@@ -55,14 +55,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
 class LocalRun:
     """The ranks of one ``sslscale launch``; :meth:`wait` returns the run's exit code."""
 
-    def __init__(self, nproc: int, recipe: str, overrides: Sequence[str]):
+    def __init__(self, nproc: int, recipe: str, overrides: Sequence[str],
+                 master_port: int | None = None):
         if nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {nproc}")
-        port = str(free_port())
+        if master_port is not None and not 1 <= master_port <= 65535:
+            raise ValueError(f"--master-port must be in 1..65535, got {master_port}")
+        port = str(master_port or free_port())
         self.procs: list[subprocess.Popen] = []
         self._interrupts = 0
+        # Not the caller's wandb-core session (WANDB_SERVICE, set by a wandb.init in the process
+        # that launches): rank 0 starts its own, so the run's wandb run closes with the ranks.
+        inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
         for rank in range(nproc):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            env = {**inherited, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                    "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": port}
             self.procs.append(subprocess.Popen(rank_command(recipe, overrides), env=env,
@@ -121,9 +127,10 @@ def _run_code(codes: list[int]) -> int:
     return exits.OK
 
 
-def launch(nproc: int, recipe: str, overrides: Sequence[str]) -> int:
+def launch(nproc: int, recipe: str, overrides: Sequence[str], master_port: int | None = None) -> int:
     """Run ``nproc`` local ranks to the end, forwarding SIGTERM / SIGUSR1 / SIGINT to them;
-    returns the run's exit code (see the module doc)."""
+    returns the run's exit code (see the module doc). ``master_port``: the rendezvous port on
+    127.0.0.1 (default: a free one); ``ValueError`` outside 1..65535."""
     handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     old = {s: signal.getsignal(s) for s in handled}
     run = None
@@ -135,7 +142,7 @@ def launch(nproc: int, recipe: str, overrides: Sequence[str]) -> int:
     for s in handled:
         signal.signal(s, forward)
     try:
-        run = LocalRun(nproc, recipe, overrides)
+        run = LocalRun(nproc, recipe, overrides, master_port=master_port)
         return run.wait()
     finally:
         if run is not None:

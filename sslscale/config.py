@@ -58,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam
+    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam | classify (fine-tuning)
     mask_ratio: float = 0.75  # fraction of patches hidden from the MAE encoder
     norm_pix_loss: bool = True  # MAE: per-patch normalized pixel targets
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop
@@ -83,6 +83,9 @@ class ObjectiveConfig:
     momentum: float = 0.99  # moco_v3 EMA at step 0, cosine to 1.0 at max_steps
     # global: negatives (and BatchNorm statistics) over all ranks' micro-batches; local: own rank
     negatives: str = "global"
+    # classify (fine-tuning): classes (0: from the training shards' manifest, meta.classes)
+    num_classes: int = 0
+    label_smoothing: float = 0.1
 
 
 @dataclass
@@ -95,6 +98,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    layer_decay: float = 1.0  # layer-wise lr decay (fine-tuning, MAE/BEiT 0.65-0.75); 1: none
 
 
 @dataclass
@@ -105,7 +109,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 10
-    max_bad_steps: int = 3  # consecutive non-finite micro-batches before rolling back
+    max_bad_steps: int = 3  # consecutive steps skipped for non-finite losses before rolling back
     compile: bool = False  # torch.compile the objective (through DeepSpeed's engine.compile)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: capture only, for tests)
     # a checkpoint step folder whose model weights start a fresh run (not its optimizer, step or
@@ -198,7 +202,7 @@ class Config:
 
 # the names sslscale/objectives registers (tests/unit/test_errors.py keeps the two equal); checked
 # with the config, before any rank starts, without importing the objectives' models
-OBJECTIVE_NAMES = ("mae", "mlm", "moco_v3", "simclr", "simsiam")
+OBJECTIVE_NAMES = ("classify", "mae", "mlm", "moco_v3", "simclr", "simsiam")
 _CHOICES = {
     "objective.name": OBJECTIVE_NAMES,
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -218,7 +222,8 @@ _BOUNDS = {
     "optim.lr": (">", 0), "optim.min_lr": (">=", 0), "optim.warmup_steps": (">=", 0),
     "optim.weight_decay": (">=", 0), "optim.weight_decay_end": (">=", 0),
     "optim.eps": (">", 0), "optim.grad_clip": (">=", 0),
-    "objective.temperature": (">", 0),
+    "objective.temperature": (">", 0), "objective.num_classes": (">=", 0),
+    "optim.layer_decay": (">", 0),
     "checkpoint.every_steps": (">=", 0), "checkpoint.keep_last": (">=", 0),
     "checkpoint.keep_every": (">=", 0), "eval.every_steps": (">=", 0), "eval.k": (">", 0),
     "dist.timeout_s": (">", 0), "slurm.signal_grace_s": (">=", 1), "slurm.max_failures": (">=", 0),
@@ -377,6 +382,12 @@ def _validate_objective(cfg: DictConfig, where) -> None:
         raise ConfigError(f"{where('objective.mask_replace_prob', 'objective.random_replace_prob')}: "
                           "keys 'objective.mask_replace_prob' + 'objective.random_replace_prob' must "
                           f"be <= 1, got {o.mask_replace_prob} + {o.random_replace_prob}")
+    if not cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"{where('optim.layer_decay')}: key 'optim.layer_decay' must be in (0, 1] "
+                          f"(1: no decay), got {cfg.optim.layer_decay}")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError(f"{where('objective.label_smoothing')}: key 'objective.label_smoothing' "
+                          f"must be in [0, 1), got {o.label_smoothing}")
     if not 0.0 <= o.momentum <= 1.0:
         raise ConfigError(f"{where('objective.momentum')}: key 'objective.momentum' must be in "
                           f"[0, 1], got {o.momentum}")

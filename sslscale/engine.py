@@ -4,14 +4,14 @@
 Owns the mapping of sslscale's batch sizes to DeepSpeed's (``global_batch_size`` ->
 ``train_batch_size``, ``micro_batch_size`` -> ``train_micro_batch_size_per_gpu``,
 ``grad_accum_steps`` -> ``gradient_accumulation_steps``), the precision (bf16 on CUDA, fp32 on
-CPU, an error for fp16 on CPU), ZeRO stage 0-3, gradient clipping, AdamW (DeepSpeed FusedAdam on
-CUDA, torch's fused AdamW on CPU) with decay / no-decay parameter groups, and writing the
+CPU, an error for fp16 on CPU), ZeRO stage 0-3, gradient clipping, torch's fused AdamW with decay / no-decay parameter groups, and writing the
 scheduled learning rate and weight decay into the optimizer before each step. Loading a DeepSpeed
 checkpoint, universal ones included (``load_checkpoint``), goes through here too.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,38 +58,46 @@ def build_ds_config(cfg, world_size: int, precision: str) -> dict[str, Any]:
     return ds
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Two AdamW groups: weights (decayed) and biases / norms / tokens (1-D, not decayed).
+def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: weights (decayed) and biases / norms / tokens (1-D, not decayed), each
+    carrying ``wd_scale`` (1.0 or 0.0) and ``lr_scale``, read by ``apply_schedules``.
 
-    Each group carries ``wd_scale`` (1.0 or 0.0), read by ``apply_schedules``.
-    """
-    decay, no_decay = [], []
+    With ``layer_decay < 1`` and a model that numbers its parameters (``layer_id(name)`` and
+    ``num_layers``, as ``ClassifyObjective``), layer-wise lr decay (BEiT, arXiv 2106.08254; MAE
+    fine-tuning): a parameter of layer ``i`` gets ``lr_scale = layer_decay ** (num_layers + 1 -
+    i)``, one pair of groups per layer. Otherwise ``lr_scale`` is 1 and there are two groups."""
+    numbered = layer_decay < 1.0 and hasattr(model, "layer_id")
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}]
+        decayed = not (p.ndim <= 1 or name.endswith(".bias"))
+        groups.setdefault((model.layer_id(name) if numbered else 0, decayed), []).append(p)
+    top = model.num_layers + 1 if numbered else 0
+    return [{"params": params, "wd_scale": 1.0 if decayed else 0.0,
+             "lr_scale": layer_decay ** (top - layer) if numbered else 1.0}
+            for (layer, decayed), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's FusedAdam on CUDA, torch's fused AdamW elsewhere."""
-    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                  weight_decay=cfg.optim.weight_decay)
-    groups = param_groups(model)
-    if device_type == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=True, **kwargs)
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """torch's fused AdamW (``fused=True``: one multi-tensor kernel, on CUDA and CPU) with
+    ``param_groups``. Not DeepSpeed's FusedAdam: that one compiles with nvcc on first use and
+    fails on images without a CUDA toolkit; torch's needs no build and honours ``found_inf``
+    (``Engine.backward_step``)."""
+    return torch.optim.AdamW(param_groups(model, cfg.optim.layer_decay), fused=True, lr=cfg.optim.lr,
+                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg) -> dict[str, float]:
-    """Write the lr and weight decay for optimizer step ``step`` into every param group."""
+    """Write the lr (times each group's ``lr_scale``) and weight decay (times ``wd_scale``) for
+    optimizer step ``step`` into every param group; returns the unscaled ``{"lr", "weight_decay"}``."""
     lr = lr_at(step, lr=cfg.optim.lr, max_steps=cfg.train.max_steps,
                warmup_steps=cfg.optim.warmup_steps, min_lr=cfg.optim.min_lr)
     wd = weight_decay_at(step, weight_decay=cfg.optim.weight_decay, max_steps=cfg.train.max_steps,
                          weight_decay_end=cfg.optim.weight_decay_end)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = wd * group.get("wd_scale", 1.0)
     return {"lr": lr, "weight_decay": wd}
 
@@ -108,6 +116,7 @@ class Engine:
     ds_config: dict[str, Any]
     hf_ds_config: Any = None  # kept alive for ZeRO-3: transformers consults it while building
     _own_grad_norm: float | None = None
+    own_skipped_steps: int = 0  # ZeRO stage 0 fp32: steps skipped by backward_step's own check
 
     @property
     def module(self) -> nn.Module:
@@ -121,17 +130,45 @@ class Engine:
     def grad_accum_steps(self) -> int:
         return self.ds.gradient_accumulation_steps()
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        """Backward one micro-batch and let DeepSpeed accumulate / step at the boundary."""
+    def backward_step(self, loss: torch.Tensor) -> bool | None:
+        """Backward one micro-batch and let DeepSpeed accumulate / step at the boundary.
+
+        Returns None inside the accumulation, else whether the optimizer step was applied:
+        False when it was skipped for non-finite gradients (no weight or optimizer-state change),
+        which every rank decides alike. DeepSpeed's ZeRO and bf16 optimizers skip such steps
+        themselves (``skipped_steps``). Plain fp32 data parallelism (ZeRO stage 0) has no such
+        check: the global norm is taken here (gradients are already all-reduced, so every rank
+        gets the same) and a non-finite one skips the step through the fused AdamW's
+        ``found_inf`` (as ``torch.amp.GradScaler`` does). Its ``.item()`` is this path's one
+        host sync per optimizer step."""
         self.ds.backward(loss)
-        if (self.ds.is_gradient_accumulation_boundary() and self.precision == "fp32"
-                and self.ds.zero_optimization_stage() == 0):
-            # DeepSpeed keeps no norm for plain fp32 data parallelism: take it before the step
-            # (gradients are already all-reduced here, so every rank gets the global norm).
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        skipped_before = getattr(self.ds, "skipped_steps", 0)
+        own_check = boundary and self.precision == "fp32" and self.ds.zero_optimization_stage() == 0
+        if own_check:
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
             self._own_grad_norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
-        self.ds.step()
+            if not math.isfinite(self._own_grad_norm):
+                self.optimizer.found_inf = torch.ones((), device=grads[0].device)
+        try:
+            self.ds.step()
+        finally:
+            if own_check and hasattr(self.optimizer, "found_inf"):
+                del self.optimizer.found_inf
+        if not boundary:
+            return None
+        if own_check:
+            applied = math.isfinite(self._own_grad_norm)
+            self.own_skipped_steps += not applied
+            return applied
+        return getattr(self.ds, "skipped_steps", 0) == skipped_before
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients (DeepSpeed's count, or this
+        engine's own on ZeRO stage 0 fp32), this process's run."""
+        return int(getattr(self.ds, "skipped_steps", 0)) + self.own_skipped_steps
 
     def grad_norm(self) -> float:
         """Global gradient norm (before clipping) of the last optimizer step; NaN if unknown."""
@@ -177,7 +214,7 @@ def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> 
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # partitions the model as it is built
     model = build_model()
-    optimizer = build_optimizer(model, cfg, device_type)
+    optimizer = build_optimizer(model, cfg)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                        dist_init_required=False)
     if cfg.train.compile:  # the objective's forward (augmentation, model, loss); dynamic shapes
@@ -202,7 +239,7 @@ def load_checkpoint(ds_engine, folder: Path, universal: bool = False) -> tuple[s
         raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no universal checkpoint loading "
                            "('checkpoint.load_universal'); resume on the world size that saved it")
     groups = ds_engine.optimizer.param_groups
-    scales = [g.get("wd_scale", 1.0) for g in groups]
+    scales = [(g.get("wd_scale", 1.0), g.get("lr_scale", 1.0)) for g in groups]
     before, config.load_universal_checkpoint = config.load_universal_checkpoint, bool(universal)
     try:
         result = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
@@ -213,17 +250,18 @@ def load_checkpoint(ds_engine, folder: Path, universal: bool = False) -> tuple[s
     return result
 
 
-def _repair_universal_zero3(zero_optimizer, wd_scales: list[float]) -> None:
+def _repair_universal_zero3(zero_optimizer, scales: list[tuple[float, float]]) -> None:
     """Undo two slips of ZeRO-3's universal loading (DeepSpeed 0.19.8,
     ``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``); no-ops for ZeRO-1/2.
 
     It copies param group 0's settings into every group, so biases and norms would get weight
-    decay: each group's ``wd_scale`` (this run's choice, not checkpoint state) is put back. And it
+    decay: each group's ``wd_scale`` and ``lr_scale`` (this run's choices, not checkpoint state)
+    are put back. And it
     gives every sub-group the *same* ``step`` tensor, which the fused AdamW then increments once
     per sub-group per step, skewing Adam's bias correction: each state gets its own copy.
     """
-    for group, scale in zip(zero_optimizer.param_groups, wd_scales):
-        group["wd_scale"] = scale
+    for group, (wd_scale, lr_scale) in zip(zero_optimizer.param_groups, scales):
+        group["wd_scale"], group["lr_scale"] = wd_scale, lr_scale
     for state in zero_optimizer.optimizer.state.values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()

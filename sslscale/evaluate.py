@@ -6,7 +6,10 @@ Discrimination" (InstDisc, CVPR 2018) as used by DINO (Caron et al. 2021,
 ``eval_knn.py``): L2-normalized features, cosine similarity, the ``k`` nearest training
 features vote for their class with weight ``exp(similarity / temperature)``; top-1 accuracy.
 Feature extraction runs on every rank (each takes every W-th sample, all ranks doing the same
-number of forwards so ZeRO-3 never waits) and the features are gathered.
+number of forwards so ZeRO-3 never waits) and the features are gathered. With ``progress`` (a
+label), rank 0 shows its progress (``sslscale.log.progress``: a bar on a terminal, a line every
+few seconds otherwise); ``sslscale eval`` does, the evaluation inside training does not (the
+training bar owns the terminal, and the trainer reports the time an evaluation took).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 from sslscale.data.shards import Manifest
 from sslscale.data.stream import ImageDecoder, eval_batches
+from sslscale.log import get_logger, progress as show_progress
 
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -75,9 +79,10 @@ def _eval_total(manifest: Manifest, limit: int | None, world_size: int) -> int:
 @torch.no_grad()
 def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, world_size: int = 1,
                      batch_size: int = 256, image_size: int, num_channels: int,
-                     limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     limit: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``objective.features`` of the (first ``limit``) samples of ``manifest``: ``(N, D)`` float
-    features and ``(N,)`` labels, on CPU, on every rank. ``ValueError`` if samples are unlabeled."""
+    features and ``(N,)`` labels, on CPU, on every rank. ``ValueError`` if samples are unlabeled.
+    ``progress``: the label of rank 0's progress display (None: silent)."""
     total = _eval_total(manifest, limit, world_size)
     per_rank_max = math.ceil(total / world_size)
     steps = math.ceil(per_rank_max / batch_size)
@@ -88,14 +93,16 @@ def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, wo
     batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
                            decode=decode, limit=total)
     dummy = torch.zeros(1, num_channels, image_size, image_size, dtype=torch.uint8)
-    for _ in range(steps):
-        batch = next(batches, None)
-        if batch is None:  # this rank ran out: forward a dummy so collective ZeRO-3 ops match
-            objective.features({"pixel_values": dummy.to(device)})
-            continue
-        dummy = batch["pixel_values"][:1]
-        feats.append(objective.features({"pixel_values": batch["pixel_values"].to(device)}).cpu())
-        labels.append(batch["labels"])
+    with show_progress(progress or "", per_rank_max, "images", enabled=bool(progress) and rank == 0) as bar:
+        for _ in range(steps):
+            batch = next(batches, None)
+            if batch is None:  # this rank ran out: forward a dummy so collective ZeRO-3 ops match
+                objective.features({"pixel_values": dummy.to(device)})
+                continue
+            dummy = batch["pixel_values"][:1]
+            feats.append(objective.features({"pixel_values": batch["pixel_values"].to(device)}).cpu())
+            labels.append(batch["labels"])
+            bar.advance(len(batch["labels"]))
     objective.train(was_training)
     f = torch.cat(feats) if feats else torch.empty(0, 0)
     y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
@@ -108,25 +115,30 @@ def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, wo
 def knn_eval(objective, train_manifest: Manifest, test_manifest: Manifest, *, device, rank: int = 0,
              world_size: int = 1, image_size: int, num_channels: int, k: int = 20,
              temperature: float = 0.07, batch_size: int = 256, max_train_samples: int | None = None,
-             max_test_samples: int | None = None) -> dict[str, float]:
-    """kNN top-1 of ``objective.features`` (collective when ``world_size > 1``).
+             max_test_samples: int | None = None, progress: str | None = None) -> dict[str, float]:
+    """kNN top-1 of ``objective.features`` (collective when ``world_size > 1``). ``progress``:
+    a label (e.g. ``"step 400"``) to show rank 0's feature extraction as ``kNN bank (label)``
+    and ``kNN queries (label)``; None: silent.
 
     Returns ``{"knn_top1": ..., "num_train": N, "num_test": M, "k": k}``.
     """
     common = dict(device=device, rank=rank, world_size=world_size, batch_size=batch_size,
                   image_size=image_size, num_channels=num_channels)
-    ftr, ytr = extract_features(objective, train_manifest, limit=max_train_samples, **common)
-    fte, yte = extract_features(objective, test_manifest, limit=max_test_samples, **common)
+    ftr, ytr = extract_features(objective, train_manifest, limit=max_train_samples, **common,
+                                progress=progress and f"kNN bank ({progress})")
+    fte, yte = extract_features(objective, test_manifest, limit=max_test_samples, **common,
+                                progress=progress and f"kNN queries ({progress})")
     top1 = knn_top1(ftr, ytr, fte, yte, k=k, temperature=temperature)
     return {"knn_top1": top1, "num_train": len(ftr), "num_test": len(fte), "k": k}
 
 
 @torch.no_grad()
 def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, world_size: int = 1,
-             batch_size: int = 64, limit: int | None = None) -> dict[str, float]:
+             batch_size: int = 64, limit: int | None = None, progress: str | None = None) -> dict[str, float]:
     """Masked-token accuracy and perplexity of an MLM objective on held-out text shards
     (collective when ``world_size > 1``). Masks are drawn per sample from its index, so every
-    evaluation (and every run) scores the same positions.
+    evaluation (and every run) scores the same positions. ``progress``: the label of rank 0's
+    progress display (None: silent).
 
     Returns ``{"mlm_accuracy", "mlm_perplexity" (exp of the mean cross-entropy),
     "mlm_baseline_accuracy" (always predicting the held-out set's most frequent masked token: the
@@ -141,18 +153,21 @@ def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
     batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
                            decode=decode, limit=total)
     dummy = None
-    for _ in range(steps):
-        batch = next(batches, None)
-        if batch is None:  # this rank ran out: a dummy forward keeps ZeRO-3's collectives matched
-            objective.predict_masked({k: v.to(device) for k, v in dummy.items()})
-            continue
-        dummy = {k: v[:1] for k, v in batch.items()}
-        logits, targets = objective.predict_masked({k: v.to(device) for k, v in batch.items()})
-        targets = targets.to(logits.device)
-        sums += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
-                              (logits.argmax(-1) == targets).sum().item(), len(targets)], dtype=torch.float64)
-        hist = torch.bincount(targets.cpu(), minlength=logits.shape[-1]).double()
-        counts = hist if counts is None else counts + hist
+    per_rank_max = math.ceil(total / world_size)
+    with show_progress(progress or "", per_rank_max, "blocks", enabled=bool(progress) and rank == 0) as bar:
+        for _ in range(steps):
+            batch = next(batches, None)
+            if batch is None:  # this rank ran out: a dummy forward keeps ZeRO-3's collectives matched
+                objective.predict_masked({k: v.to(device) for k, v in dummy.items()})
+                continue
+            dummy = {k: v[:1] for k, v in batch.items()}
+            logits, targets = objective.predict_masked({k: v.to(device) for k, v in batch.items()})
+            targets = targets.to(logits.device)
+            sums += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
+                                  (logits.argmax(-1) == targets).sum().item(), len(targets)], dtype=torch.float64)
+            hist = torch.bincount(targets.cpu(), minlength=logits.shape[-1]).double()
+            counts = hist if counts is None else counts + hist
+            bar.advance(len(next(iter(batch.values()))))
     objective.train(was_training)
     if counts is None:
         counts = torch.zeros(1, dtype=torch.float64)
@@ -208,6 +223,17 @@ def _load_run(run_dir: str, step: int | None, kind: str):
     return cfg, folder
 
 
+def _warn_shapes(cfg, manifests: dict[str, Manifest]) -> None:
+    """Log a warning per manifest whose recorded images differ from the model's input."""
+    from sslscale.data.shards import image_shape_warning
+
+    for key, manifest in manifests.items():
+        line = image_shape_warning(manifest, key, num_channels=cfg.model.num_channels,
+                                   image_size=cfg.model.image_size)
+        if line:
+            get_logger().warning(line)
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -233,6 +259,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     queries = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
     _check_shards(bank, "eval.train_shards", "image")
     _check_shards(queries, "eval.test_shards", "image")
+    _warn_shapes(cfg, {"eval.train_shards": bank, "eval.test_shards": queries})
     device = _device()
     common = dict(device=device, image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
                   k=k or cfg.eval.k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
@@ -242,9 +269,10 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     objective = build_objective(cfg)
     result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
     if baseline:
-        result["random_init_knn_top1"] = knn_eval(objective.to(device), bank, queries, **common)["knn_top1"]
+        result["random_init_knn_top1"] = knn_eval(objective.to(device), bank, queries, **common,
+                                                  progress="random init")["knn_top1"]
     objective.load_state_dict(checkpoint.load_module_state(folder))
-    result.update(knn_eval(objective.to(device), bank, queries, **common))
+    result.update(knn_eval(objective.to(device), bank, queries, **common, progress=f"step {result['step']}"))
     result.update(train_shards=bank.root, test_shards=queries.root)
     return result
 
@@ -267,6 +295,7 @@ def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str 
     result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
     result.update(mlm_eval(objective.to(_device()), held_out, decoder_for(cfg, held_out),
                            device=_device(), batch_size=cfg.eval.batch_size,
-                           limit=max_test_samples or cfg.eval.max_test_samples))
+                           limit=max_test_samples or cfg.eval.max_test_samples,
+                           progress=f"held-out MLM (step {result['step']})"))
     result["test_shards"] = held_out.root
     return result

@@ -319,9 +319,12 @@ def _check_close(got: torch.Tensor, want: torch.Tensor, what: str, folder: Path,
         raise ExportError(f"round trip: {folder} gives {what} of shape {tuple(got.shape)}, the "
                           f"training model {tuple(want.shape)}")
     diff = (got - want).abs().max().item()
-    if not diff <= atol:  # also catches NaN
+    # fp32 rounding grows with magnitude: MLM logits of ~30 differ by ~1e-5 between two correct
+    # implementations, so the tolerance scales with the largest value (features are O(1)).
+    tol = atol * max(1.0, want.abs().max().item())
+    if not diff <= tol:  # also catches NaN
         raise ExportError(f"round trip: {what} from {folder} differ from the training encoder's "
-                          f"by {diff:.3g} (> {atol:g}, fp32)")
+                          f"by {diff:.3g} (> {tol:.3g}, fp32)")
     return diff
 
 

@@ -27,11 +27,20 @@ import os
 TRAIN, FROZEN = 3.0, 1.0  # forward + backward (input and weight gradients); forward only
 PATCH_TRAIN = 2.0  # forward + weight gradient: the pixels need no gradient
 
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets, in TFLOP/s, by device-name fragment.
-# Checked in order: the first fragment found in ``torch.cuda.get_device_name()`` wins.
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A10G", 70.0), ("L40S", 362.0), ("L4", 121.0),
+# Dense peaks from NVIDIA's datasheets, in TFLOP/s, by device-name fragment: bf16 (= fp16) and
+# TF32 on tensor cores, fp32 on CUDA cores. Checked in order: the first fragment found in
+# ``torch.cuda.get_device_name()`` wins.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H200", {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("GH200", {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("B200", {"bf16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("A10G", {"bf16": 70.0, "tf32": 35.0, "fp32": 31.2}),
+    ("L40S", {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3}),
 ]
 PEAK_ENV = "SSLSCALE_PEAK_TFLOPS"
 
@@ -71,6 +80,16 @@ def mae_flops_per_sample(cfg) -> float:
                                    m.decoder_num_hidden_layers)
                + linear_flops(n + 1, m.decoder_hidden_size, patch_dim))
     return PATCH_TRAIN * linear_flops(n, patch_dim, m.hidden_size) + TRAIN * (encoder + decoder)
+
+
+def classify_flops_per_sample(cfg) -> float:
+    """Training FLOPs per image of fine-tuning (``classify``): the ViT on all ``N + 1`` tokens
+    and the linear head on the pooled representation."""
+    m = cfg.model
+    n, patch_dim = _patches(m)
+    encoder = transformer_flops(n + 1, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
+    head = linear_flops(1, m.hidden_size, cfg.objective.num_classes)
+    return PATCH_TRAIN * linear_flops(n, patch_dim, m.hidden_size) + TRAIN * (encoder + head)
 
 
 def mlm_flops_per_sample(cfg, *, seq_len: int, vocab_size: int,
@@ -133,8 +152,10 @@ def flops_per_sample(cfg, **data) -> float:
         return mlm_flops_per_sample(cfg, **data)
     if name in ("simclr", "moco_v3", "simsiam"):
         return two_view_flops_per_sample(cfg, **data)
+    if name == "classify":
+        return classify_flops_per_sample(cfg)
     raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
-                     "(known: mae, mlm, simclr, moco_v3, simsiam)")
+                     "(known: mae, mlm, simclr, moco_v3, simsiam, classify)")
 
 
 def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
@@ -162,23 +183,32 @@ def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
     return flops_per_sample(cfg)
 
 
-def peak_tflops(device_name: str | None = None, override: float | None = None) -> float | None:
-    """Peak dense bf16 TFLOP/s of one device: ``override``, else ``$SSLSCALE_PEAK_TFLOPS``, else
-    the table entry whose fragment is in ``device_name`` (default: the current CUDA device's name).
-    ``None`` when unknown (CPU, an unlisted GPU): MFU is then not reported."""
+def peak_tflops(device_name: str | None = None, override: float | None = None,
+                precision: str = "bf16") -> float | None:
+    """Peak dense TFLOP/s of one device at the run's ``precision`` (``bf16`` / ``fp16``: the
+    tensor-core bf16 peak; ``fp32``: the TF32 tensor-core peak when PyTorch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), else the CUDA-core fp32 peak), so an fp32 run's
+    MFU is not measured against a bf16 peak it cannot reach. ``override``, else
+    ``$SSLSCALE_PEAK_TFLOPS``, else the ``PEAK_TFLOPS`` entry whose fragment is in
+    ``device_name`` (default: the current CUDA device's name). ``None`` when unknown (CPU, an
+    unlisted GPU): MFU is then not reported. Raises ``ValueError`` for another precision."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"peak_tflops: precision must be bf16, fp16 or fp32, got {precision!r}")
     if override:
         return float(override)
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
-    if device_name is None:
-        import torch
+    import torch
 
+    if device_name is None:
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name()
-    for fragment, tflops in PEAK_BF16_TFLOPS:
+    column = "bf16" if precision in ("bf16", "fp16") else \
+        "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    for fragment, peaks in PEAK_TFLOPS:
         if fragment in device_name:
-            return tflops
+            return peaks[column]
     return None
 
 

@@ -8,6 +8,8 @@ pooler), writes ``config.json`` + ``model.safetensors`` + ``preprocessor_config.
 tokenizer files + ``README.md`` into a temporary folder next to ``--out``, checks that the
 folder loaded fresh with the Auto classes creates no random weight and reproduces the training
 model's features (and MLM logits) (``round_trip_check``), and only then renames it to ``--out``.
+Its stages show as progress on stderr (``sslscale.log.progress``: a bar on a terminal, a line
+every few seconds otherwise).
 
 Push first checks the token and the hub (``hub_preflight``: ``whoami``, seconds, before the
 slow export; every hub or network failure is one ``HubError`` line), exports into a temporary
@@ -36,6 +38,7 @@ from sslscale import checkpoint
 from sslscale.data.shards import MANIFEST
 from sslscale.export import (ExportError, check_encoder_state, is_image_encoder, masked_lm_of,
                              publishable_model, round_trip_check, save_preprocessing)
+from sslscale.log import progress
 
 PREFLIGHT_TIMEOUT_S = 30.0  # huggingface_hub's client has no timeout: a dropped route would hang
 
@@ -100,27 +103,41 @@ def _tokenizer_dir(manifest) -> Path:
     return Path(manifest.root) / manifest.meta.get("tokenizer", "tokenizer")
 
 
+EXPORT_STAGES = ("restoring the checkpoint", "converting to the published form", "saving",
+                 "round trip check", "model card")
+
+
 def _write_folder(tmp: Path, run_dir: Path, cfg, folder: Path, repo_id: str | None, load_id: str,
-                  license: str) -> ExportResult:
+                  license: str, bar) -> ExportResult:
     from sslscale.modelcard import card_facts, render_card
     from sslscale.data.shards import load_manifest_for
 
+    def stage(i: int) -> None:
+        bar.advance(i - bar.done)
+        bar.stage(EXPORT_STAGES[i])
+
+    stage(0)
     marker = json.loads((folder / checkpoint.MARKER).read_text())
     step = checkpoint.step_of(folder)
     objective = _restore_objective(cfg, folder, int(marker.get("zero_stage", cfg.deepspeed.zero_stage)))
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
+    stage(1)
     model = publishable_model(objective)
+    stage(2)
     model.save_pretrained(str(tmp), safe_serialization=True)
     image = is_image_encoder(model)
     pre = (dict(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std) if image
            else dict(tokenizer_dir=_tokenizer_dir(manifest)))
     save_preprocessing(model, tmp, **pre)
+    stage(3)
     diff = round_trip_check(objective.encoder(), tmp, masked_lm=masked_lm_of(objective), **pre)
+    stage(4)
     facts = card_facts(run_dir, cfg, step=step, client=_client_state(folder), marker=marker,
                        model=model, manifest=manifest,
                        manifest_file=_manifest_file(cfg, manifest), round_trip_diff=diff,
                        repo_id=repo_id, load_id=load_id, published_class=type(model).__name__)
     (tmp / "README.md").write_text(render_card(facts, license))
+    bar.advance(len(EXPORT_STAGES) - bar.done)
     return ExportResult(out=tmp, step=step, objective=cfg.objective.name,
                         published_class=type(model).__name__, num_params=facts["num_params"],
                         round_trip_diff=diff)
@@ -168,7 +185,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, step: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        result = _write_folder(tmp, run_dir, cfg, folder, repo_id, repo_id or out.name, license)
+        with progress(f"export {folder.name}", len(EXPORT_STAGES), "stages") as bar:
+            result = _write_folder(tmp, run_dir, cfg, folder, repo_id, repo_id or out.name, license, bar)
         _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from sslscale.log import get_logger
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -126,11 +128,16 @@ _KNOWN_NOISE = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
 
 
 def filter_known_warnings() -> None:
-    """Hide ``_KNOWN_NOISE`` in this process (call once per rank, before DeepSpeed runs)."""
+    """Hide ``_KNOWN_NOISE`` in this process, and say when DeepSpeed compiles an op instead of
+    minutes of silence (``sslscale.log.announce_op_builds``). Call once per rank, before
+    DeepSpeed runs (``engine.init_distributed`` does)."""
     import warnings
+
+    from sslscale.log import announce_op_builds
 
     for message in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    announce_op_builds()
 
 
 def log_to_run(run_dir: str | os.PathLike, wandb_cfg: Any, run_name: str,
@@ -218,8 +225,8 @@ class MetricsLogger:
                 self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
             except Exception as e:  # its service died (e.g. a job-wide SIGTERM): training goes on
                 self._wandb = None
-                self.console.print(f"wandb stopped working ({type(e).__name__}: {e}); logging "
-                                   "continues in metrics.jsonl only")
+                get_logger().warning(f"wandb stopped working ({type(e).__name__}: {e}); logging "
+                                     "continues in metrics.jsonl only")
         shown = "  ".join(f"{k.split('/')[-1]}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items() if k != "step")
         self._progress.console.print(f"step {step:>7d}  {shown}")
@@ -231,8 +238,10 @@ class MetricsLogger:
             self._progress.update(self._task, completed=step, **fields)
 
     def info(self, message: str) -> None:
+        """An INFO line of the ``sslscale`` logger (time, rank, level; above the live bar on a
+        terminal), on rank 0 only."""
         if self.enabled:
-            self._progress.console.print(message)
+            get_logger().info(message)
 
     def abort(self) -> None:
         """After a fatal error: stop the progress bar and close ``metrics.jsonl``, leaving wandb
@@ -250,5 +259,5 @@ class MetricsLogger:
             try:
                 self._wandb.finish()
             except (ConnectionError, OSError) as e:  # its service died (e.g. a job-wide SIGTERM)
-                self.console.print(f"wandb: could not finish the run ({type(e).__name__}: {e}); "
+                get_logger().warning(f"wandb: could not finish the run ({type(e).__name__}: {e}); "
                                    "its offline files stay in RUN_DIR/wandb")

@@ -30,12 +30,38 @@ def init_weights_from(objective, folder: Path) -> None:
         raise FileNotFoundError(f"train.init_from = {folder}: not a complete checkpoint")
     state = checkpoint.load_module_state(folder)
     with gathered(objective.parameters()):  # ZeRO-3 partitioned them at construction
-        objective.load_state_dict(state)  # kept from rank 0
+        if hasattr(objective, "load_pretrained"):  # fine-tuning: the encoder only, a new head
+            objective.load_pretrained(state, source=f"train.init_from = {folder}")
+        else:
+            objective.load_state_dict(state)  # kept from rank 0
+
+
+def resolve_num_classes(cfg, manifest) -> None:
+    """``classify`` with ``objective.num_classes = 0``: the number of the training shards'
+    classes (their manifest's ``meta.classes``). ``ConfigError`` when it is unknown there, or
+    for text shards (fine-tuning reads image labels)."""
+    from sslscale.config import ConfigError
+
+    if cfg.objective.name != "classify":
+        return
+    if manifest.modality != "image":
+        raise ConfigError(f"key 'data.train_shards' = {manifest.root} holds {manifest.modality} "
+                          "shards; objective.name=classify fine-tunes image encoders")
+    if cfg.objective.num_classes == 0:
+        classes = (manifest.meta or {}).get("classes")
+        if not classes:
+            raise ConfigError(f"key 'objective.num_classes' = 0 and {manifest.root}/manifest.json "
+                              "records no classes (meta.classes): set objective.num_classes")
+        from omegaconf import read_write
+
+        with read_write(cfg):  # the config is read-only once loaded
+            cfg.objective.num_classes = len(classes)
 
 
 def make_evaluator(cfg, engine, env, train_manifest):
     """A collective ``() -> metrics`` or None: for text data, masked-token accuracy and perplexity
-    on ``eval.test_shards`` (held-out text); for images, kNN top-1 with ``eval.train_shards`` as
+    on ``eval.test_shards`` (held-out text); for fine-tuning (``classify``), the head's top-1 on
+    ``eval.test_shards``; for other image objectives, kNN top-1 with ``eval.train_shards`` as
     the bank and ``eval.test_shards`` as the queries."""
     if train_manifest.modality == "text" and cfg.eval.test_shards:
         from sslscale.data.stream import decoder_for
@@ -46,6 +72,14 @@ def make_evaluator(cfg, engine, env, train_manifest):
         return lambda: mlm_eval(engine.module, held_out, decode, device=engine.device, rank=env.rank,
                                 world_size=env.world_size, batch_size=cfg.eval.batch_size,
                                 limit=cfg.eval.max_test_samples)
+    if cfg.objective.name == "classify" and cfg.eval.test_shards:
+        from sslscale.finetune import classify_eval
+
+        held_out = load_manifest_for("eval.test_shards", cfg.eval.test_shards)
+        return lambda: classify_eval(engine.module, held_out, device=engine.device, rank=env.rank,
+                                     world_size=env.world_size, image_size=cfg.model.image_size,
+                                     num_channels=cfg.model.num_channels,
+                                     batch_size=cfg.eval.batch_size, limit=cfg.eval.max_test_samples)
     if not (cfg.eval.train_shards and cfg.eval.test_shards):
         return None
     from sslscale.evaluate import knn_eval
@@ -89,6 +123,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     export_env(env)
     cfg = load_config(recipe, overrides)
     manifest = load_manifest_for("data.train_shards", cfg.data.train_shards)
+    resolve_num_classes(cfg, manifest)
 
     def make_batches(positions: list[int] | None = None, phase: int = 0):
         stream = TrainStream(manifest, rank=env.rank, world_size=env.world_size,

@@ -49,6 +49,41 @@ class StopSignals:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class StopVote:
+    """Agrees on a stop signal across ranks without stalling the step: ``post(code)`` starts a
+    non-blocking all-reduce (MAX) of this rank's code on a CPU (gloo) group and returns the
+    result of the previous post, which arrived while the step ran. Every rank reads the same
+    value at the same step, so all stop together, one step after the signal reached any of them.
+    On one process the code is its own. Raises what ``work.wait()`` raises (a lost peer, the
+    process group's timeout)."""
+
+    def __init__(self):
+        self.group = None
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # gloo: CPU tensors, so neither the post nor the read touches a CUDA stream. On CPU
+            # runs the default group is gloo already; a group of its own keeps this op out of
+            # the order of DeepSpeed's collectives.
+            self.group = torch.distributed.new_group(backend="gloo")
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def post(self, code: int) -> int:
+        agreed = self.wait()
+        flag = torch.tensor([code], dtype=torch.int64)
+        work = None if self.group is None else torch.distributed.all_reduce(
+            flag, torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
+        self._pending = (work, flag)
+        return agreed
+
+    def wait(self) -> int:
+        """The result of the last post (0 if none is pending); nothing stays in flight."""
+        if self._pending is None:
+            return 0
+        (work, flag), self._pending = self._pending, None
+        if work is not None:
+            work.wait()
+        return int(flag[0])
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
@@ -82,8 +117,13 @@ class Trainer:
         self._skipped_before = [0, 0]  # skipped samples, shards: totals of earlier runs
         self._skipped: dict[int, list[int]] = {}  # data-loader worker -> its counters, this run
         self._last_saved = -1
-        self.nonfinite_micro_batches = 0  # discarded before backward, this run
+        # Non-finite micro-batch losses (this rank, this run) and those of the current step:
+        # device counters, read only when a step was skipped or at logging (no host sync).
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=engine.device)
+        self._step_nonfinite = torch.zeros((), dtype=torch.int64, device=engine.device)
+        self._bad_steps = 0  # consecutive optimizer steps skipped for non-finite losses
         self._micro_batches, self._rollbacks = 0, 0
+        self._vote: StopVote | None = None  # made by fit() (a collective)
         fault = os.environ.get(checkpoint.FAULT_ENV, "")
         self._fault = tuple(map(int, fault[9:].split("-"))) if fault.startswith("nan-loss:") else None
         self._crash_at = int(fault[14:]) if fault.startswith("crash-at-step:") else None
@@ -92,7 +132,8 @@ class Trainer:
         self._window_start = (time.perf_counter(), 0, 0)  # time, step, tokens_seen
         self._tokens_pending = 0  # this rank's input tokens not yet counted in tokens_seen
         self._step_hook = getattr(engine.module, "on_step_start", None)  # e.g. MoCo's EMA
-        self._peak_tflops = flops.peak_tflops() if engine.device.type == "cuda" else None
+        self._peak_tflops = flops.peak_tflops(precision=engine.precision) \
+            if engine.device.type == "cuda" else None
         self._last_batch: dict[str, torch.Tensor] = {}  # for the FLOP count of logged steps
 
     # ----------------------------------------------------------------------------- resume / save
@@ -188,64 +229,82 @@ class Trainer:
             self.watchdog.phase(name)
 
     def _forward(self, batches: Iterator[dict]) -> torch.Tensor:
-        """Loss of the next micro-batch whose loss is finite on every rank. A non-finite one (on
-        any rank) is discarded before backward, so no state changes, and counted; after
-        ``train.max_bad_steps`` in a row the run rolls back to the last complete checkpoint and
-        goes on with the data after the bad batches."""
-        bad_run = 0
-        while True:
-            batch = next(batches)
-            self._take_data_state(batch)
-            tokens = batch["attention_mask"].sum() if "attention_mask" in batch else \
-                batch["input_ids"].numel() if "input_ids" in batch else 0
-            batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
-            self._last_batch = batch
-            out = self.engine.ds(batch)
-            loss = out.loss
-            self._micro_batches += 1
-            if self._fault is not None and self._fault[0] <= self._micro_batches <= self._fault[1] \
-                    and torch.distributed.get_rank() == 0:
-                loss = loss * float("nan")  # tests: SSLSCALE_FAULT_INJECT=nan-loss:A-B
-            if not self._any_rank(not torch.isfinite(loss).item()):
-                self._tokens_pending += int(tokens)
-                for name, value in out.metrics.items():
-                    total = self._window_metrics.get(name, 0.0)
-                    self._window_metrics[name] = total + value.detach().double()
-                return loss
-            self.nonfinite_micro_batches += 1
-            self.state.samples_seen += self.cfg.train.micro_batch_size * rank_and_world()[1]  # read
-            bad_run += 1
-            self.metrics.info(f"non-finite loss at step {self.state.step + 1}: micro-batch skipped "
-                              f"({bad_run} in a row, {self.nonfinite_micro_batches} in all)")
-            if bad_run >= self.cfg.train.max_bad_steps:
-                self._roll_back()
-                bad_run = 0
+        """Loss of the next micro-batch, for backward. Nothing here waits on the device: a
+        non-finite loss is counted on the device and multiplied by NaN (the loss of a finite one
+        by 1), so its gradients are non-finite for certain and the optimizer step that contains
+        it is skipped (``Engine.backward_step``); it adds nothing to the logged means."""
+        batch = next(batches)
+        self._take_data_state(batch)
+        if "attention_mask" in batch:  # host tensors: counting them costs no device sync
+            self._tokens_pending += int(batch["attention_mask"].sum())
+        elif "input_ids" in batch:
+            self._tokens_pending += batch["input_ids"].numel()
+        batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+        self._last_batch = batch
+        out = self.engine.ds(batch)
+        loss = out.loss
+        self._micro_batches += 1
+        if self._fault is not None and self._fault[0] <= self._micro_batches <= self._fault[1] \
+                and torch.distributed.get_rank() == 0:
+            loss = loss * float("nan")  # tests: SSLSCALE_FAULT_INJECT=nan-loss:A-B
+        finite = torch.isfinite(loss.detach())
+        self._step_nonfinite += ~finite
+        self._window[0] += torch.where(finite, loss.detach().double(), 0.0)
+        self._window[1] += finite
+        for name, value in out.metrics.items():
+            value = torch.where(finite, value.detach().double(), 0.0)
+            self._window_metrics[name] = self._window_metrics.get(name, 0.0) + value
+        return loss * torch.where(finite, 1.0, float("nan"))
+
+    def _after_skipped_step(self) -> bool:
+        """An optimizer step was skipped for non-finite gradients (every rank alike). If a
+        micro-batch loss of it was non-finite on any rank (one collective, on this path only),
+        it counts toward ``train.max_bad_steps`` in a row, after which the run rolls back to the
+        last complete checkpoint and goes on with the data after the bad batches (returns True);
+        gradients that overflowed from finite losses are only counted (``train/skipped_steps``)."""
+        if not self._any_rank(bool(self._step_nonfinite)):
+            return False
+        self._bad_steps += 1
+        self.metrics.info(f"non-finite loss at step {self.state.step}: optimizer step skipped "
+                          f"({self._bad_steps} in a row)")
+        if self._bad_steps < self.cfg.train.max_bad_steps:
+            return False
+        self._roll_back()
+        self._bad_steps = 0
+        return True
 
     def _roll_back(self) -> None:
         folder = checkpoint.find_latest(self.run_dir)
         self._rollbacks += 1
         if folder is None or self._rollbacks > 3:
             raise RuntimeError(f"{self.cfg.train.max_bad_steps} non-finite losses in a row at step "
-                               f"{self.state.step + 1} and " + ("no checkpoint to roll back to"
-                                                                if folder is None else "3 rollbacks already"))
+                               f"{self.state.step} and " + ("no checkpoint to roll back to"
+                                                            if folder is None else "3 rollbacks already"))
         read = (self.state.samples_seen, self.state.tokens_seen)
         self._restore(folder)  # the data stream is NOT rewound: the counts of samples read stay
         self.state.samples_seen, self.state.tokens_seen = read
         self.metrics.info(f"rolled back to {folder}; the data after the bad batches follows")
 
     def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
-        """One optimizer step (``grad_accum_steps`` micro-batches); returns step hyper-params."""
-        if self._step_hook is not None:
-            self._step_hook(self.state.step, self.cfg.train.max_steps)
-        for _ in range(self.engine.grad_accum_steps):
-            hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)  # after a rollback too
-            loss = self._forward(batches)
-            self.engine.backward_step(loss)
-            self._window[0] += loss.detach().double()  # stays on the device: no sync per step
-            self._window[1] += 1
-        self.state.step += 1
-        self.state.samples_seen += self.cfg.train.global_batch_size
-        return hparams
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns step hyper-params.
+        In the steady state nothing here waits on the device or on another rank. A step skipped
+        for non-finite gradients still counts (as DeepSpeed's ``global_steps`` does); one that
+        led to a rollback is taken again from the restored checkpoint."""
+        while True:
+            if self._step_hook is not None:
+                self._step_hook(self.state.step, self.cfg.train.max_steps)
+            hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)
+            self._step_nonfinite.zero_()
+            for _ in range(self.engine.grad_accum_steps):
+                applied = self.engine.backward_step(self._forward(batches))
+            self._nonfinite += self._step_nonfinite
+            self.state.step += 1
+            self.state.samples_seen += self.cfg.train.global_batch_size  # read, skipped or not
+            if applied:
+                self._bad_steps = 0
+                return hparams
+            if not self._after_skipped_step():
+                return hparams
 
     def _log_train(self, hparams: dict[str, float]) -> None:
         names = sorted(self._window_metrics)
@@ -271,13 +330,17 @@ class Trainer:
             metrics["perf/tokens_per_sec"] = (self.state.tokens_seen - start_tokens) / (now - start_time)
             metrics["tokens_seen"] = self.state.tokens_seen
         metrics["data/skipped_samples"], metrics["data/skipped_shards"] = self.skipped()
-        metrics["train/skipped_steps"] = int(getattr(self.engine.ds, "skipped_steps", 0))
-        metrics["train/nonfinite_micro_batches"] = self.nonfinite_micro_batches
+        metrics["train/skipped_steps"] = self.engine.skipped_steps
+        metrics["train/nonfinite_micro_batches"] = self.nonfinite_micro_batches()
         self.metrics.log(self.state.step, metrics)
         self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
         self._window.zero_()
         self._window_metrics.clear()
         self._restart_window()
+
+    def nonfinite_micro_batches(self) -> int:
+        """Micro-batches with a non-finite loss on any rank, this run (collective)."""
+        return self._all_reduce([int(self._nonfinite)])[0]
 
     def _flop_metrics(self, samples_per_sec: float) -> dict[str, float]:
         """Model TFLOP/s per device (the SSL-aware count of ``sslscale.flops``) and, on a GPU of
@@ -304,7 +367,7 @@ class Trainer:
         self._phase("step")
         self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in result.items()})
         if self.is_main:
-            kind = "mlm" if "mlm_accuracy" in result else "knn"
+            kind = "mlm" if "mlm_accuracy" in result else "classify" if "top1" in result else "knn"
             out = self.run_dir / "eval" / f"{kind}-{checkpoint.tag_for(self.state.step)}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             line = json.dumps({"step": self.state.step, **result})
@@ -327,6 +390,7 @@ class Trainer:
         # Same world size: the loader's first worker continues where the next one in turn was.
         phase = self.state.step * self.engine.grad_accum_steps
         batches = iter(self.make_batches(self.positions, phase))
+        self._vote = StopVote()
         self._restart_window()
         while self.state.step < cfg.train.max_steps:
             hparams = self.train_step(batches)
@@ -343,13 +407,15 @@ class Trainer:
                 self.save()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
                 self.run_eval()
-            stop_code = 0 if last else self._max_over_ranks(self.stop.code)  # a signal anywhere
+            stop_code = 0 if last else self._vote.post(self.stop.code)  # a signal anywhere
             if stop_code:
+                self._vote.wait()
                 self.metrics.info(f"stop signal: saving at step {step} and exiting with code {stop_code}")
                 if self._last_saved != step:
                     self.save()
                 self.state.stop_code = stop_code
                 return self.state
+        self._vote.wait()
         if self._last_saved != self.state.step:
             self.save()
         self.run_eval()

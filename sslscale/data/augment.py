@@ -99,6 +99,43 @@ def crop_boxes(seeds: torch.Tensor, tag: int, height: int, width: int, scale: Se
                         torch.where(ok, h, torch.full_like(h, fh))], dim=1)
 
 
+def _mix32_int(x: int) -> int:
+    """``_mix32`` on one Python int (< 2**32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_scalar(seed: int, n: int, tag: int, start: int = 0) -> list[float]:
+    """Columns ``start .. start+n-1`` of ``uniform(seeds=[seed], start+n, tag)[0]`` in plain
+    Python (no tensors): for data workers."""
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    base = (tag & 0xFFFF) << 16
+    return [(_mix32_int(_mix32_int(_mix32_int((base + i) ^ 0x5BD1E995) ^ hi) ^ lo) >> 8) / (1 << 24)
+            for i in range(start, start + n)]
+
+
+def crop_box(seed: int, tag: int, height: int, width: int, scale: Sequence[float],
+             ratio: Sequence[float] = (3 / 4, 4 / 3), tries: int = 10) -> tuple[float, float, float, float]:
+    """``crop_boxes`` for one seed in plain Python: the box ``(x0, y0, w, h)`` in pixels (the
+    same draws, made only for the tries needed; float64 instead of float32, so equal to ~1e-6
+    relative)."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(tries):
+        a, b, c, d = uniform_scalar(seed, 4, tag, 4 * t)
+        area = height * width * (scale[0] + (scale[1] - scale[0]) * a)
+        r = math.exp(log_lo + (log_hi - log_lo) * b)
+        w, h = math.sqrt(area * r), math.sqrt(area / r)
+        if w <= width and h <= height:
+            return (width - w) * c, (height - h) * d, w, h
+    aspect = width / height
+    fw = min(width if aspect <= ratio[1] else height * ratio[1], width)
+    fh = min(height if aspect >= ratio[0] else width / ratio[0], height)
+    return (width - fw) / 2, (height - fh) / 2, fw, fh
+
+
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int,
                  flip: torch.Tensor | None = None) -> torch.Tensor:
     """Crop ``boxes`` ``(B, 4)`` (x0, y0, w, h pixels) of float ``images`` ``(B, C, H, W)`` and

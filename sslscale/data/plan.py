@@ -53,8 +53,11 @@ def check_streams(num_shards: int, num_streams: int, world_size: int, num_worker
         worlds = [w for w in range(1, num_streams + 1) if num_streams % (w * max(num_workers, 1)) == 0]
         raise PlanError(
             f"{where}: data.num_streams={num_streams} cannot be dealt evenly to {world_size} "
-            f"rank(s) x {max(num_workers, 1)} worker(s) = {slots} readers; use data.num_streams "
-            f"in {good or 'none (too few shards)'}, or a world size in {worlds} with these workers")
+            f"rank(s) x {max(num_workers, 1)} worker(s) = {slots} readers; "
+            + (f"use data.num_streams in {good}" if good else
+               f"the {num_shards} shard(s) are too few for {slots} readers: write more, smaller "
+               "shards (fewer samples per shard) or use fewer data.num_workers")
+            + (f", or a world size in {worlds} with these workers" if worlds else ""))
 
 
 @lru_cache(maxsize=64)

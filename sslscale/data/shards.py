@@ -168,14 +168,20 @@ def _check_keys(file: Path, keys: dict | None) -> None:
                                 f"got {value!r:.60}")
 
 
+def manifest_file(path: str | os.PathLike) -> Path:
+    """The manifest file ``path`` names: ``path/manifest.json`` for a folder (or a path without a
+    suffix), else ``path`` itself."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() or not path.suffix else path
+
+
 def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read ``manifest.json`` (or the one inside folder ``path``).
 
     Raises ``FileNotFoundError`` naming the path if there is none, ``ManifestError`` (a
     ``ValueError``) naming the file and the field if it is malformed.
     """
-    path = Path(path)
-    file = path / MANIFEST if path.is_dir() or not path.suffix else path
+    file = manifest_file(path)
     if not file.is_file():
         raise FileNotFoundError(
             f"no shard manifest at {file} (prepare shards with `sslscale data prepare ... --out "
@@ -322,3 +328,55 @@ def load_manifest_for(key: str, path: str | None):
         return load_manifest(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"key '{key}' = {path}: {e}") from None
+
+
+def image_shape_warning(manifest: Manifest, key: str, *, num_channels: int, image_size: int) -> str | None:
+    """One line (no ``warning:`` prefix) naming the manifest file, its ``meta`` fields and the
+    model keys when the images ``sslscale data prepare`` recorded (``meta.channels``,
+    ``meta.image_sizes``) differ from what the model takes (``model.num_channels``,
+    ``model.image_size``): the decoder converts every image (gray <-> RGB, the centered square
+    resized), which is correct but rarely what was meant. None if they match, for text shards,
+    or when the manifest does not record them (``sslscale data index``)."""
+    if manifest.modality != "image":
+        return None
+    meta = manifest.meta or {}
+    have, fields, model, becomes = [], [], [], []
+    channels = meta.get("channels")
+    if isinstance(channels, int) and channels != num_channels:
+        have.append(f"{channels}-channel")
+        fields.append("meta.channels")
+        model.append(f"model.num_channels = {num_channels}")
+        becomes.append(f"converted to {num_channels} channel{'s' if num_channels > 1 else ''}")
+    sizes = [tuple(s) for s in meta.get("image_sizes") or [] if isinstance(s, (list, tuple)) and len(s) == 2]
+    if any(s != (image_size, image_size) for s in sizes):
+        have.append(", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (", ..." if len(sizes) > 3 else ""))
+        fields.append("meta.image_sizes")
+        model.append(f"model.image_size = {image_size}")
+        becomes.append(f"resized to {image_size}x{image_size} (its centered square)")
+    if not have:
+        return None
+    return (f"{key}: {Path(manifest.root) / MANIFEST} records {' '.join(have)} images "
+            f"({', '.join(fields)}) but {' and '.join(model)}: every image is "
+            f"{' and '.join(becomes)} when decoded")
+
+
+def image_shape_warnings(cfg) -> list[str]:
+    """``image_shape_warning`` of the config's image shards (``data.train_shards``,
+    ``eval.train_shards``, ``eval.test_shards``), one line each. Shards that are not set or do
+    not load are left to the command's own checks (which name the error)."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for key in ("data.train_shards", "eval.train_shards", "eval.test_shards"):
+        path = OmegaConf.select(cfg, key)
+        if not path:
+            continue
+        try:
+            manifest = load_manifest(path)
+        except (OSError, ValueError):
+            continue
+        line = image_shape_warning(manifest, key, num_channels=cfg.model.num_channels,
+                                   image_size=cfg.model.image_size)
+        if line:
+            found.append(line)
+    return found

@@ -16,18 +16,17 @@ Evaluation: every sample once, in manifest order, rank ``r`` of ``W`` taking sam
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import random
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sslscale.data.augment import sample_seed
+from sslscale.data.decode import center_box, decode_crop, random_resized_box
 from sslscale.data.plan import PlanError, check_streams, locate, stream_shards, streams_for
 from sslscale.data.seek import open_at, open_shard  # noqa: F401 (open_shard: public here too)
 from sslscale.data.shards import Manifest
@@ -39,21 +38,11 @@ Decoder = Callable[[dict[str, Any], int], dict[str, Any]]
 
 
 def decode_image(data: bytes, image_size: int, num_channels: int) -> torch.Tensor:
-    """Image bytes -> uint8 ``(C, S, S)``: converted to gray (C=1) or RGB (C=3); other sizes
-    are resized (shorter side) and center-cropped to ``S``. Raises PIL's errors on bad bytes."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L" if num_channels == 1 else "RGB")
-        if im.size != (image_size, image_size):
-            scale = image_size / min(im.size)
-            w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-        array = np.asarray(im, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())
+    """Image bytes -> uint8 ``(C, S, S)``: the largest centered square, gray (C=1) or RGB (C=3),
+    resized (bicubic) to ``S`` unless it is already ``S`` x ``S``; JPEGs are decoded at a reduced
+    DCT scale when the square keeps >= S pixels (``sslscale.data.decode.decode_crop``). Raises
+    PIL's errors on bad bytes."""
+    return decode_crop(data, image_size, num_channels, center_box)
 
 
 class ImageDecoder:
@@ -62,12 +51,22 @@ class ImageDecoder:
     ``IMAGE_KEYS`` present); ``label_key``: an integer member (default ``cls``) or ``json:FIELD``
     (a field of the sample's ``.json``). Raises ``ValueError`` naming the sample, shard and key
     if it has no image or a bad label, and PIL's errors on undecodable bytes. ``seed`` is the
-    sample's augmentation seed."""
+    sample's augmentation seed.
+
+    ``crop``: ``"center"`` (training's default: the largest centered square, which the device's
+    augmentation then crops from) or ``"random"``: a random resized crop of the original image
+    (area fraction ~ U(``crop_scale``)), a pure function of ``seed`` (``augment.crop_box``, view
+    0's tag), for pipelines that crop in the workers. Both decode JPEGs at the smallest DCT
+    scale the box allows (``sslscale.data.decode``)."""
 
     def __init__(self, image_size: int, num_channels: int, image_key: str | None = None,
-                 label_key: str | None = None):
+                 label_key: str | None = None, crop: str = "center",
+                 crop_scale: tuple[float, float] = (0.2, 1.0)):
+        if crop not in ("center", "random"):
+            raise ValueError(f"unknown crop '{crop}'; valid: center, random")
         self.image_size, self.num_channels = image_size, num_channels
         self.image_key, self.label_key = image_key, label_key or "cls"
+        self.crop, self.crop_scale = crop, tuple(crop_scale)
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, image_size: int, num_channels: int) -> "ImageDecoder":
@@ -81,7 +80,8 @@ class ImageDecoder:
         if key is None:
             raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no "
                              f"image ({', '.join(keys)})")
-        return {"pixel_values": decode_image(sample[key], self.image_size, self.num_channels),
+        box = center_box if self.crop == "center" else random_resized_box(seed, self.crop_scale)
+        return {"pixel_values": decode_crop(sample[key], self.image_size, self.num_channels, box),
                 "labels": self._label(sample), "sample_seeds": seed}
 
     def _label(self, sample: dict[str, Any]) -> int:
@@ -289,10 +289,12 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def train_loader(stream: TrainStream) -> DataLoader:
-    """A ``DataLoader`` over ``stream``'s workers (batches are made inside the workers)."""
+    """A ``DataLoader`` over ``stream``'s workers (batches are made inside the workers), in
+    pinned memory when CUDA is there (uint8 batches copy to the device asynchronously)."""
     # Its own generator: creating the iterator must not draw from the global RNG, whose state
     # a checkpoint restores exactly (augmentation and masks draw from it).
     return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
+                      pin_memory=torch.cuda.is_available(),
                       persistent_workers=stream.num_workers > 0,
                       prefetch_factor=4 if stream.num_workers > 0 else None,
                       worker_init_fn=_ignore_stop_signals,

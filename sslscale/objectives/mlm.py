@@ -2,10 +2,13 @@
 
 The model is transformers' ``BertForMaskedLM`` (SDPA attention; sizes from the recipe's
 ``model`` section, the vocabulary from the data's tokenizer). Inputs arrive already corrupted
-by the data workers (``sslscale.data.masking``). The prediction head runs on the masked
-positions only (as NVIDIA's ``dense_seq_output`` and MosaicBERT): hidden states ``(B, L, H)``
-are gathered to ``(K, H)`` for the K predicted tokens before the transform + vocabulary
-projection, which gives the same loss as the full head at ~K/(B*L) of its FLOPs and memory.
+by the data workers (``sslscale.data.masking``), with the predicted positions as a fixed-size
+padded list ``masked_positions`` / ``masked_labels`` ``(B, K)`` (NVIDIA DeepLearningExamples
+BERT's ``masked_lm_positions`` padded to ``max_predictions_per_seq``). The prediction head runs
+on those K rows per block only (as NVIDIA's ``dense_seq_output`` and MosaicBERT): hidden states
+``(B, L, H)`` are gathered to ``(B, K, H)`` before the transform + vocabulary projection, and the
+cross-entropy ignores the padding (-100). Every shape is static: no boolean-mask gather, no host
+sync, no ``torch.compile`` graph break; the loss equals the full head's on the same tokens.
 The export is the ``BertForMaskedLM`` itself (encoder and trained head; ``AutoModel`` loads its ``BertModel``).
 """
 
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-from sslscale.data.masking import IGNORE_INDEX
+from sslscale.data.masking import IGNORE_INDEX, masked_positions_of
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.registry import OBJECTIVES
 
@@ -45,29 +48,47 @@ def bert_config(cfg) -> BertConfig:
 
 
 class MLMObjective(nn.Module):
-    """MLM on ``batch["input_ids"]`` ``(B, L)`` with ``batch["labels"]`` ``(B, L)`` (-100 = not
-    predicted) and optional ``attention_mask``. ``forward`` returns the mean cross-entropy over
-    predicted tokens and ``mlm_accuracy``; ``features`` the mean of the last hidden states over
-    attended tokens ``(B, hidden_size)``."""
+    """MLM on ``batch["input_ids"]`` ``(B, L)`` with ``batch["masked_positions"]`` and
+    ``batch["masked_labels"]`` ``(B, K)`` int64 (-100 = padding slot) and optional
+    ``attention_mask``; a batch with only ``labels`` ``(B, L)`` (-100 = not predicted; hand-built
+    batches) gets its positions from them at the cost of one host sync. ``forward`` returns the
+    mean cross-entropy over predicted tokens (0 when none) and ``mlm_accuracy``; ``features``
+    the mean of the last hidden states over attended tokens ``(B, hidden_size)``."""
 
     def __init__(self, cfg):
         super().__init__()
         self.model = BertForMaskedLM(bert_config(cfg))
 
-    def predict_masked(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(K, vocab_size)`` (float32) and targets ``(K,)`` of the K predicted tokens."""
+    def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, K, vocab_size)`` (float32) and targets ``(B, K)`` (-100 = padding) of the
+        K prediction slots per block; static shapes when the batch has ``masked_positions``."""
         hidden = self.model.bert(input_ids=batch["input_ids"],
                                  attention_mask=batch.get("attention_mask")).last_hidden_state
-        selected = batch["labels"] != IGNORE_INDEX
-        return self.model.cls(hidden[selected]).float(), batch["labels"][selected]
+        if "masked_positions" in batch:
+            positions, targets = batch["masked_positions"], batch["masked_labels"]
+        else:  # hand-built batch: K = the largest count of a row (one host sync)
+            labels = batch["labels"]
+            k = int((labels != IGNORE_INDEX).sum(dim=1).max()) if labels.numel() else 0
+            positions, targets = masked_positions_of(labels, k)
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return self.model.cls(hidden.gather(1, index)).float(), targets
+
+    def predict_masked(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(N, vocab_size)`` (float32) and targets ``(N,)`` of the N predicted tokens,
+        in batch then position order (evaluation and export checks: N is data-dependent)."""
+        logits, targets = self.masked_logits(batch)
+        keep = targets != IGNORE_INDEX
+        return logits[keep], targets[keep]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        logits, targets = self.predict_masked(batch)
-        if len(targets) == 0:  # nothing masked in this micro-batch: a zero loss that keeps the graph
-            return ObjectiveOutput(loss=logits.sum() * 0.0, metrics={"mlm_accuracy": logits.new_zeros(())})
-        loss = F.cross_entropy(logits, targets)
-        accuracy = (logits.detach().argmax(dim=-1) == targets).float().mean()
-        return ObjectiveOutput(loss=loss, metrics={"mlm_accuracy": accuracy})
+        logits, targets = self.masked_logits(batch)
+        logits, targets = logits.flatten(0, 1), targets.flatten()
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp_min(1)  # nothing predicted: a zero loss that keeps the graph
+        losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+        correct = (logits.detach().argmax(dim=-1) == targets) & valid
+        return ObjectiveOutput(loss=losses.sum() / count,
+                               metrics={"mlm_accuracy": correct.sum().float() / count})
 
     def encoder(self) -> nn.Module:
         return self.model.bert

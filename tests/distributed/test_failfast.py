@@ -50,6 +50,14 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+def heartbeat(run_dir: Path, rank: int) -> dict:
+    """The rank's last heartbeat (its step, pid ...), {} if none is readable yet."""
+    try:
+        return json.loads((run_dir / "stalls" / f"heartbeat-{rank:05d}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("error: rank")]
 
@@ -133,8 +141,11 @@ def test_a_stopped_rank_is_caught_by_the_stall_watchdog(real_shards, tmp_path):
     proc = start(real_shards, run_dir, "train.max_steps=100000", "checkpoint.every_steps=0",
                  "train.stall_timeout_s=20")
     wait_for(run_dir / "stalls" / "heartbeat-00001.json", proc)
-    time.sleep(3)  # a few steps: the watchdog is armed
-    rank1 = json.loads((run_dir / "stalls" / "heartbeat-00001.json").read_text())["pid"]
+    deadline = time.time() + 240
+    while min(heartbeat(run_dir, rank).get("step", 0) for rank in (0, 1)) < 2:  # armed
+        assert proc.poll() is None and time.time() < deadline, "no step reached"
+        time.sleep(0.1)
+    rank1 = heartbeat(run_dir, 1)["pid"]
     os.kill(rank1, signal.SIGSTOP)
     stopped = time.time()
     code, out, _ = finish(proc, timeout=120)

@@ -1,7 +1,7 @@
 """Bitwise resume (CPU, fp32): a run killed with SIGKILL after a checkpoint and resumed with
 resume=auto logs exactly the same train/loss for every later step as an uninterrupted run, for
-ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and for MoCo v3 (momentum encoder, ZeRO-3) and MLM
-(masks made in the workers, dropout). Engine state, data positions and RNG states all matter."""
+ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and for MoCo v3 (momentum encoder, ZeRO-3), MLM
+(masks made in the workers, dropout) and fine-tuning (classify: labels, layer-wise lr decay). Engine state, data positions and RNG states all matter."""
 
 import json
 import subprocess
@@ -76,10 +76,14 @@ def test_kill_and_resume_is_bitwise(real_shards, tmp_path, nproc, stage):
     assert weights["embeddings.patch_embeddings.projection.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2)])
-def test_kill_and_resume_is_bitwise_for_moco_and_mlm(real_shards, text_shards, tmp_path, objective, stage):
+@pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("classify", 2)])
+def test_kill_and_resume_is_bitwise_for_moco_mlm_and_classify(real_shards, text_shards, tmp_path,
+                                                              objective, stage):
     if objective == "mlm":
         run = lambda r: command(2, text_shards, r, stage, MLM_RECIPE)  # noqa: E731
+    elif objective == "classify":  # fine-tuning: labels, label smoothing, layer-wise lr decay
+        tune = ["objective.name=classify", "optim.layer_decay=0.75", "objective.pooling=mean"]
+        run = lambda r: command(2, real_shards, r, stage, extra=tune)  # noqa: E731
     else:
         heads = ["objective.name=moco_v3", "objective.projection_hidden_dim=64",
                  "objective.projection_dim=16", "objective.predictor_hidden_dim=32"]

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from ..conftest import DEMO_RECIPE, MLM_RECIPE, ROOT, sslscale_cmd, tiny_overrides
 
@@ -106,24 +107,38 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(real_shards, tmp_path):
 
 
 @pytest.mark.parametrize("bad, rolled_back", [("5-5", False), ("5-7", True)])
-def test_non_finite_loss_is_skipped_then_rolled_back(real_shards, tmp_path, bad, rolled_back):
+def test_non_finite_loss_skips_the_step_then_rolls_back(real_shards, tmp_path, bad, rolled_back):
+    """One micro-batch per step (ZeRO stage 0, fp32: sslscale's own skip; ZeRO-2's is DeepSpeed's,
+    tests/integration/test_instability.py): a non-finite loss skips its optimizer step, with no
+    weight change; three in a row roll back to the last checkpoint and the step is taken again."""
     run_dir = tmp_path / "run"
-    args = ["train", str(DEMO_RECIPE), *tiny_overrides(real_shards, run_dir, "train.max_steps=6",
-                                                        "checkpoint.every_steps=1", "eval.train_shards=null",
+    args = ["train", str(DEMO_RECIPE), *tiny_overrides(real_shards, run_dir, "train.max_steps=8",
+                                                        "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+                                                        "eval.train_shards=null",
                                                         "train.micro_batch_size=16", "train.max_bad_steps=3")]
     env = {**os.environ, "SSLSCALE_FAULT_INJECT": f"nan-loss:{bad}"}
     done = subprocess.run(sslscale_cmd(*args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [r for r in metrics(run_dir) if "train/loss" in r]
-    assert [r["step"] for r in rows][-2:] == [5, 6] and all(math.isfinite(r["train/loss"]) for r in rows)
     first, last = map(int, bad.split("-"))
     assert rows[-1]["train/nonfinite_micro_batches"] == last - first + 1
-    # samples_seen counts what was read: the discarded micro-batches too, across the rollback
-    assert rows[-1]["samples_seen"] == (6 + last - first + 1) * 16
+    assert rows[-1]["step"] == 8 and math.isfinite(rows[-1]["train/loss"])
+    skipped = [r["step"] for r in rows if not isinstance(r["train/loss"], float)]  # "nan": no finite loss
+    # (the step that rolled back is taken again before it is logged)
+    assert skipped == list(range(first, last + 1 - rolled_back)), skipped
+    # A skipped step changes no weight: its checkpoint holds the weights of the step before.
+    from sslscale.checkpoint import load_module_state
+    ckpt = run_dir / "checkpoints"
+    before, after = (load_module_state(ckpt / f"step-{s:08d}") for s in (first - 1, first))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # samples_seen counts what was read: the skipped steps too, across the rollback
+    assert rows[-1]["samples_seen"] == (8 + rolled_back) * 16
     assert ("rolled back to" in done.stderr) == rolled_back
-    if rolled_back:  # 3 bad in a row at step 5: back to step 4's checkpoint, step 5 redone
-        assert f"rolled back to {run_dir / 'checkpoints' / 'step-00000004'}" in done.stderr
-        assert [r["step"] for r in rows].count(5) == 1
+    if rolled_back:  # 3 bad steps in a row (5-7): back to step 6's checkpoint, step 7 taken again
+        assert f"rolled back to {ckpt / 'step-00000006'}" in done.stderr
+        assert [r["step"] for r in rows][-2:] == [7, 8] and [r["step"] for r in rows].count(7) == 1
+    else:
+        assert rows[-1]["train/skipped_steps"] == 1
 
 
 def test_misspelled_key_suggests_the_right_one():

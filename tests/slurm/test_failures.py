@@ -54,8 +54,16 @@ def ends(run_dir: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("how", ["kill-9", "sigstop"])
 def test_a_lost_rank_is_requeued_and_the_run_finishes_with_every_sample(slurm_cluster, real_shards,
-                                                                       tmp_path, how):
+                                                                       tmp_path, monkeypatch, how):
     run_dir, steps = tmp_path / "run", 40
+    # The submitter has a live wandb-core session (WANDB_SERVICE, left by any wandb.init in it, as
+    # in a notebook or this pytest process after an in-process test), which sbatch exports: the
+    # crashed attempt's wandb run must not stay open in it ("run ID ... is in use" on requeue).
+    monkeypatch.setenv("WANDB_SERVICE", "")
+    import wandb
+    wandb.teardown()  # a session of an earlier test would not write the variable again
+    wandb.setup()
+    assert os.environ["WANDB_SERVICE"]
     job_id = submit(run_dir, real_shards, f"train.max_steps={steps}", "checkpoint.every_steps=10",
                     "train.stall_timeout_s=15")
     wait_until(lambda: (run_dir / "checkpoints" / "latest").is_file(), job_id, run_dir)

@@ -10,6 +10,9 @@ from sslscale.data.shards import ShardWriter, load_manifest
 from sslscale.data.sources import prepare, read_idx, FASHION_MNIST_DIR
 from sslscale.data.stream import ImageDecoder, TrainStream, eval_batches, train_loader
 
+# Small folders with an explicit --samples-per-shard: prepare warns that 8 streams need more shards.
+pytestmark = pytest.mark.filterwarnings("ignore:.*shard\\(s\\) but the default data.num_streams")
+
 
 @pytest.fixture
 def image_folder(tmp_path):

@@ -34,14 +34,15 @@ def counted_per_sample(objective, batch) -> float:
     return counter.get_total_flops() / B
 
 
-@pytest.mark.parametrize("name", ["mae", "simclr", "moco_v3", "simsiam"])
+@pytest.mark.parametrize("name", ["mae", "simclr", "moco_v3", "simsiam", "classify"])
 def test_image_objectives_match_flop_counter(name):
-    cfg = load_config(None, [*SMALL, f"objective.name={name}"])
+    cfg = load_config(None, [*SMALL, f"objective.name={name}", "objective.num_classes=10"])
     torch.manual_seed(0)
     objective = build_objective(cfg)
-    batch = {"pixel_values": torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)}
+    batch = {"pixel_values": torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8),
+             "labels": torch.arange(B)}
     want = counted_per_sample(objective, batch)
-    got = flops.flops_per_sample(cfg, **({} if name == "mae" else {"columns": B}))
+    got = flops.flops_per_sample(cfg, **({} if name in ("mae", "classify") else {"columns": B}))
     # within 5% is the contract; these agree to <1% (the rest: the tiled InfoNCE's recompute)
     assert got == pytest.approx(want, rel=0.01), (name, got, want)
 
@@ -104,6 +105,16 @@ def test_peak_table_override_and_mfu(monkeypatch):
     assert flops.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert flops.peak_tflops("Some CPU") is None
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3", override=500) == 500
+    # an fp32 run is measured against what fp32 can reach: CUDA cores, or TF32 when allowed
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", precision="fp32") == 67
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert flops.peak_tflops("NVIDIA H100 80GB HBM3", precision="fp32") == 494.5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", precision="fp16") == 312
+    with pytest.raises(ValueError, match="precision"):
+        flops.peak_tflops("NVIDIA H100", precision="int8")
     monkeypatch.setenv(flops.PEAK_ENV, "123")
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 123
     # 8 GPUs at 989 TFLOP/s, 1e12 FLOPs per sample, 3956 samples/s -> 50%

@@ -56,7 +56,7 @@ def test_no_weight_decay_on_biases_and_norms(cfg):
     decay, no_decay = param_groups(objective)
     assert all(p.ndim >= 2 for p in decay["params"])
     assert all(p.ndim <= 1 for p in no_decay["params"]) and no_decay["wd_scale"] == 0.0
-    optimizer = build_optimizer(objective, cfg, "cpu")
+    optimizer = build_optimizer(objective, cfg)
     hp = apply_schedules(optimizer, 0, cfg)
     assert hp["lr"] == pytest.approx(0.01 / 2)  # first of 2 warmup steps
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]

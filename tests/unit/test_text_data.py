@@ -177,6 +177,26 @@ def test_errors_name_the_input(tmp_path, capsys, monkeypatch):
         prepare_text("text", tmp_path / "o")
 
 
+def test_named_files_without_an_extension_are_read(tmp_path, capsys):
+    """`--input LICENSE copyright`: a file named on the command line is text whatever its name
+    (extensions only filter what a folder walk picks up); a named binary file fails cleanly."""
+    topics = {d.key: d.text for d in open_text_source("pydoc-topics").documents}
+    (tmp_path / "LICENSE").write_text(topics["for"])
+    (tmp_path / "copyright").write_text(topics["while"])
+    out = tmp_path / "out"
+    assert cli(["data", "prepare", "text", "--input", str(tmp_path / "LICENSE"),
+                str(tmp_path / "copyright"), "--out", str(out), "--vocab-size", "300",
+                "--seq-len", "32", "--val-fraction", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train"]["documents"] == summary["val"]["documents"] == 1
+    keys = sorted((out / s / "documents.txt").read_text().strip() for s in ("train", "val"))
+    assert keys == ["0:LICENSE", "1:copyright"]
+    (tmp_path / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert cli(["data", "prepare", "text", "--input", str(tmp_path / "blob"),
+                "--out", str(tmp_path / "o")]) == 2
+    assert "blob: not UTF-8" in capsys.readouterr().err
+
+
 def test_corrupt_sample_and_missing_tokenizer_name_key_and_shard(pydoc, tmp_path):
     shutil.copytree(pydoc["out"] / "val", tmp_path / "val")
     manifest = load_manifest(tmp_path / "val")

@@ -1,0 +1,109 @@
+"""Fine-tuning evaluation: the ``classify`` objective's held-out top-1 (inside training and
+after it), and ``sslscale eval finetune``: fine-tune a pretraining run's encoder on labeled
+shards beside the same architecture trained from scratch at the same budget.
+
+Both runs are ordinary ``sslscale train`` runs (``sslscale.objectives.classify``), on as many
+local ranks as asked, with the same data order, steps and recipe (the pretraining run's ``model``
+and ``data`` sections; MAE's fine-tuning settings scaled to the budget: AdamW, lr ``1e-3``,
+``optim.layer_decay`` 0.75, weight decay 0.05, label smoothing 0.1, warm-up a tenth of the steps,
+mean pooling behind a LayerNorm) in ``RUN_DIR/finetune/`` and ``RUN_DIR/finetune-scratch/``; they
+resume like any run when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sslscale.dist import gathered
+
+
+@torch.no_grad()
+def classify_eval(objective, manifest, *, device, rank: int = 0, world_size: int = 1,
+                  image_size: int, num_channels: int, batch_size: int = 256,
+                  limit: int | None = None, progress: str | None = None) -> dict[str, Any]:
+    """Top-1 (fraction in [0, 1]) of a ``ClassifyObjective``'s head on ``manifest``'s labeled
+    images, un-augmented (collective when ``world_size > 1``; ZeRO-3 partitions of the head are
+    gathered). Returns ``{"top1", "num_test"}``. Errors as ``extract_features`` (unlabeled
+    samples: ``ValueError``)."""
+    from sslscale.evaluate import extract_features
+
+    features, labels = extract_features(objective, manifest, device=device, rank=rank,
+                                        world_size=world_size, batch_size=batch_size,
+                                        image_size=image_size, num_channels=num_channels,
+                                        limit=limit, progress=progress)
+    head = list(objective.head.parameters()) + list(objective.fc_norm.parameters())
+    with gathered(head):
+        weight, bias = (p.detach().float().cpu().clone() for p in objective.head.parameters())
+        norm = [p.detach().float().cpu().clone() for p in objective.fc_norm.parameters()]
+    if norm:  # mean pooling: the LayerNorm before the head
+        features = F.layer_norm(features, features.shape[1:], *norm, eps=objective.fc_norm.eps)
+    predictions = F.linear(features, weight, bias).argmax(1)
+    return {"top1": (predictions == labels).float().mean().item(), "num_test": len(labels)}
+
+
+def finetune_overrides(cfg, folder: Path | None, *, run_dir: Path, train_shards: str,
+                       test_shards: str, steps: int) -> list[str]:
+    """The ``classify`` run's overrides on top of the pretraining run's config: its encoder from
+    checkpoint ``folder`` (None: from scratch), the labeled shards, the fine-tuning recipe."""
+    return [
+        "objective.name=classify", "objective.num_classes=0", "objective.pooling=mean",
+        "objective.label_smoothing=0.1", f"data.train_shards={train_shards}",
+        "eval.train_shards=null", f"eval.test_shards={test_shards}", "eval.every_steps=0",
+        f"run_dir={run_dir}", "resume=auto", f"train.max_steps={steps}",
+        f"train.init_from={folder if folder is not None else 'null'}", "optim.lr=1e-3",
+        "optim.min_lr=1e-6", f"optim.warmup_steps={max(1, steps // 10)}", "optim.layer_decay=0.75",
+        "optim.weight_decay=0.05", "optim.weight_decay_end=null", "optim.betas=[0.9,0.999]",
+        f"checkpoint.every_steps={max(1, steps // 4)}", "checkpoint.keep_last=1",
+        f"name={cfg.name}-finetune",
+    ]
+
+
+def _top1_of(run_dir: Path) -> dict[str, Any]:
+    """The last held-out evaluation a finished classify run wrote (``eval/classify-*.json``)."""
+    found = sorted((run_dir / "eval").glob("classify-*.json"))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: the fine-tuning run wrote no evaluation")
+    return json.loads(found[-1].read_text())
+
+
+def finetune_run(run_dir: str, *, train_shards: str, test_shards: str, steps: int,
+                 step: int | None = None, nproc: int = 1, from_scratch_only: bool = False,
+                 overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Fine-tune the encoder of ``run_dir`` (checkpoint ``step``, default the latest complete)
+    for ``steps`` optimizer steps on ``train_shards`` (labeled images) and train the same
+    architecture from scratch with the same recipe and data; both scored on ``test_shards``.
+    ``nproc`` local ranks each; ``overrides``: more ``key=value`` for both runs. Returns
+    ``{"finetune_top1", "scratch_top1", "steps", ...}`` (only ``scratch_top1`` with
+    ``from_scratch_only``) and writes it to ``RUN_DIR/eval/finetune-<step>.json``. Raises
+    ``FileNotFoundError`` (no run or checkpoint), ``ValueError`` (an MLM run), ``RuntimeError``
+    naming the run that failed (its own error lines are on stderr)."""
+    from launcher.local import launch
+    from sslscale.checkpoint import step_of, tag_for
+    from sslscale.evaluate import _load_run
+
+    cfg, folder = _load_run(run_dir, step, "knn")
+    config = str(Path(run_dir) / "config.yaml")
+    runs = {"scratch": (Path(run_dir) / "finetune-scratch", None)}
+    if not from_scratch_only:
+        runs = {"finetune": (Path(run_dir) / "finetune", folder), **runs}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "step": step_of(folder), "steps": steps,
+                              "train_shards": train_shards, "test_shards": test_shards}
+    for kind, (out, init) in runs.items():
+        args = finetune_overrides(cfg, init, run_dir=out, train_shards=train_shards,
+                                  test_shards=test_shards, steps=steps) + list(overrides)
+        code = launch(nproc, config, args)
+        if code:
+            raise RuntimeError(f"the {kind} run in {out} ended with exit code {code}")
+        scored = _top1_of(out)
+        result[f"{kind}_top1"] = scored["top1"]
+        result["num_test"] = scored["num_test"]
+        result[f"{kind}_run_dir"] = str(out)
+    eval_dir = Path(run_dir) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / f"finetune-{tag_for(result['step'])}.json").write_text(json.dumps(result) + "\n")
+    return result

@@ -1,0 +1,116 @@
+"""Fast decoding in the data workers (``sslscale.data.decode``): JPEGs decoded at a reduced DCT
+scale when the crop allows give the right size, stay close to a full decode + crop + resize,
+and crops are a pure function of the sample's seed."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslscale.data import decode
+from sslscale.data.augment import CROP, crop_box, crop_boxes, sample_seed
+from sslscale.data.decode import center_box, decode_crop, draft_scale, random_resized_box
+from sslscale.data.stream import ImageDecoder, decode_image
+
+from .test_image_folder import photo
+
+# A real photograph when Debian's lomiri-wallpapers-16.04 is installed (CC-BY-4.0).
+REAL_PHOTO = Path("/usr/share/backgrounds/aitzgorri_by_Aitzol_Berasategi.jpg")
+
+
+def encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def reference(data: bytes, box, size: int, mode: str = "RGB") -> np.ndarray:
+    """Full decode, crop (whole pixels), PIL bicubic resize: (C, S, S) uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert(mode)
+        x0, y0, w, h = box(*im.size)
+        area = (round(x0), round(y0), round(x0 + w), round(y0 + h))
+        out = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=area))
+    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def big_jpeg() -> bytes:
+    if REAL_PHOTO.is_file():
+        return REAL_PHOTO.read_bytes()  # 3088 x 2056
+    return encoded(photo(7, (1800, 1200)))
+
+
+def test_draft_scale_keeps_the_crop_at_least_the_output_size():
+    assert draft_scale(4000, 3000, 224) == 8 and draft_scale(1791, 1791, 224) == 4
+    assert draft_scale(448, 900, 224) == 2 and draft_scale(447, 900, 224) == 1
+    assert draft_scale(100, 100, 224) == 1  # an upscale: full resolution
+
+
+@pytest.mark.parametrize("box", ["center", "random"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_draft_decode_is_close_to_a_full_decode(big_jpeg, box, channels, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    drafted, original = [], JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        full = self.size
+        out = original(self, mode, size)
+        drafted.append((full, self.size))
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    fn = center_box if box == "center" else random_resized_box(sample_seed(0, 1, 5), (0.5, 1.0))
+    out = decode_crop(big_jpeg, 224, channels, fn)
+    assert out.shape == (channels, 224, 224) and out.dtype == torch.uint8
+    (full_w, _), (w, _) = drafted[-1]
+    assert w * 2 <= full_w + 1  # decoded at 1/2 or less of the width
+    ref = reference(big_jpeg, fn, 224, "L" if channels == 1 else "RGB")
+    diff = np.abs(out.numpy().astype(np.int16) - ref.astype(np.int16))
+    assert diff.mean() < 3.0, diff.mean()
+
+
+def test_png_and_small_jpegs_decode_at_full_scale_close_to_pil():
+    for fmt in ("PNG", "JPEG"):
+        data = encoded(photo(3, (300, 200)), fmt)
+        box = random_resized_box(11)
+        out = decode_crop(data, 96, 3, box)
+        assert out.shape == (3, 96, 96)
+        diff = np.abs(out.numpy().astype(np.int16) - reference(data, box, 96).astype(np.int16))
+        assert diff.mean() < 1.0, (fmt, diff.mean())
+
+
+def test_exact_size_images_are_returned_losslessly():
+    array = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    data = encoded(Image.fromarray(array), "PNG")
+    np.testing.assert_array_equal(decode_crop(data, 28, 1)[0].numpy(), array)
+    np.testing.assert_array_equal(decode_image(data, 28, 1)[0].numpy(), array)
+
+
+def test_random_crops_are_a_pure_function_of_the_seed(big_jpeg):
+    decoder = ImageDecoder(64, 3, crop="random", crop_scale=(0.2, 1.0))
+    sample = {"__key__": "k", "jpg": big_jpeg, "cls": b"3"}
+    seeds = [sample_seed(7, s, k) for s in range(2) for k in range(1, 4)]
+    first = [decoder(sample, seed)["pixel_values"] for seed in seeds]
+    again = [decoder(sample, seed)["pixel_values"] for seed in reversed(seeds)][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
+    center = ImageDecoder(64, 3)(sample, seeds[0])["pixel_values"]
+    assert torch.equal(center, ImageDecoder(64, 3)(sample, seeds[1])["pixel_values"])
+    with pytest.raises(ValueError, match="unknown crop 'middle'"):
+        ImageDecoder(64, 3, crop="middle")
+
+
+def test_scalar_crop_box_matches_the_device_boxes():
+    seeds = [sample_seed(0, s, k) for s in range(3) for k in range(200)]
+    for height, width, scale in [(375, 500, (0.2, 1.0)), (224, 224, (0.08, 1.0)), (60, 900, (0.5, 1.0))]:
+        batched = crop_boxes(torch.tensor(seeds), CROP, height, width, scale).double()
+        scalar = torch.tensor([crop_box(s, CROP, height, width, scale) for s in seeds], dtype=torch.float64)
+        torch.testing.assert_close(scalar, batched, rtol=1e-5, atol=1e-3)
+    box = random_resized_box(seeds[0])(500, 375)
+    assert box == crop_box(seeds[0], CROP, 375, 500, (0.2, 1.0))
+    assert decode.center_box(500, 375) == (62.5, 0.0, 375, 375)
