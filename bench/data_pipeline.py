@@ -85,31 +85,20 @@ def pil_crop(im: Image.Image, seed: int) -> torch.Tensor:
     return torch.from_numpy(out.transpose(2, 0, 1).copy())
 
 
-class JpegFolder(Dataset):
-    """The JPEG folder baseline: PIL in the workers, the same crop."""
+class Folder(Dataset):
+    """A folder baseline: one file per image, PIL in the workers. JPEG mode: RGB and the same
+    crop as the other sides; small mode: PIL -> uint8 (1, 28, 28)."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as im:
-            return pil_crop(im.convert("RGB"), sample_seed(1, 0, i))
-
-
-class PngFolder(Dataset):
-    """The small-mode folder baseline: one PNG per image, PIL -> uint8 (1, 28, 28)."""
-
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path], crop: bool):
+        self.files, self.crop = files, crop
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.files[i]) as im:
+            if self.crop:
+                return pil_crop(im.convert("RGB"), sample_seed(1, 0, i))
             return torch.from_numpy(np.array(im.convert("L"))[None])
 
 
@@ -268,7 +257,7 @@ def jpeg_mode(args, root: Path) -> None:
             lambda: stream_loader(manifest, random_crop, b, w),
         "webdataset+PIL: WebDataset.decode('pil') + PIL crop":
             lambda: webdataset_loader(manifest, "jpg", b, w, False),
-        "JPEG folder+PIL: Dataset + PIL crop": lambda: folder_loader(JpegFolder(files), b, w),
+        "JPEG folder+PIL: Dataset + PIL crop": lambda: folder_loader(Folder(files, crop=True), b, w),
         "(info) sslscale training default: center square to 224":
             lambda: stream_loader(manifest, ImageDecoder(SIZE, 3), b, w),
     }
@@ -294,7 +283,7 @@ def small_mode(args, root: Path) -> None:
     sides = {
         "sslscale (TrainStream, uint8)": lambda: stream_loader(manifest, ImageDecoder(28, 1), b, w),
         "webdataset+PIL: WebDataset.decode('pill')": lambda: webdataset_loader(manifest, "png", b, w, True),
-        "PNG folder+PIL: Dataset": lambda: folder_loader(PngFolder(files), b, w),
+        "PNG folder+PIL: Dataset": lambda: folder_loader(Folder(files, crop=False), b, w),
     }
     warmup = w * PREFETCH + 2
     batches = max(2, min(args.batches, args.images // b - warmup))

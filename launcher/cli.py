@@ -560,16 +560,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_dir_help = "the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist"
     ev = sub.add_parser("eval", help="evaluate a run: kNN, linear probe, fine-tuning (images) or masked tokens (text)").add_subparsers(
         dest="action", required=True)
-    knn = ev.add_parser("knn", help="weighted kNN top-1 of the frozen encoder (image runs)")
-    knn.add_argument("run_dir", help=run_dir_help)
-    knn.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-    knn.add_argument("--train-shards", help="labeled shards for the memory bank (default: run's eval.train_shards)")
-    knn.add_argument("--test-shards", help="labeled query shards (default: run's eval.test_shards)")
-    knn.add_argument("--baseline", action="store_true", help="also score the same architecture at random init")
-    knn.add_argument("--max-train-samples", type=int,
-                     help="first N samples of the bank (default: run's eval.max_train_samples, else all)")
-    knn.add_argument("--max-test-samples", type=int,
-                     help="first N queries (default: run's eval.max_test_samples, else all)")
+    def labeled_eval(name: str, help_: str, train: str, test: str) -> argparse.ArgumentParser:
+        """A frozen-encoder evaluation on labeled train / test shards (kNN, linear probe)."""
+        p = ev.add_parser(name, help=help_)
+        p.add_argument("run_dir", help=run_dir_help)
+        p.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+        p.add_argument("--train-shards", help=f"labeled shards {train} (default: run's eval.train_shards)")
+        p.add_argument("--test-shards", help=f"labeled {test} shards (default: run's eval.test_shards)")
+        p.add_argument("--baseline", action="store_true", help="also score the same architecture at random init")
+        p.add_argument("--max-train-samples", type=int,
+                       help="first N training samples (default: run's eval.max_train_samples, else all)")
+        p.add_argument("--max-test-samples", type=int,
+                       help=f"first N {test} samples (default: run's eval.max_test_samples, else all)")
+        return p
+
+    knn = labeled_eval("knn", "weighted kNN top-1 of the frozen encoder (image runs)",
+                       "for the memory bank", "query")
     knn.add_argument("--k", type=int, help="neighbours that vote (default: run's eval.k)")
     knn.set_defaults(func=_eval_knn)
     mlm = ev.add_parser("mlm", help="held-out masked-token accuracy / perplexity vs the most-frequent-token "
@@ -580,17 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     mlm.add_argument("--max-test-samples", type=int,
                      help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
     mlm.set_defaults(func=_eval_mlm)
-    linear = ev.add_parser("linear", help="linear probe of the frozen encoder: BatchNorm + linear layer "
-                           "trained on its features (MAE / MoCo v3 protocol; image runs)")
-    linear.add_argument("run_dir", help=run_dir_help)
-    linear.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-    linear.add_argument("--train-shards", help="labeled training shards (default: run's eval.train_shards)")
-    linear.add_argument("--test-shards", help="labeled test shards (default: run's eval.test_shards)")
-    linear.add_argument("--baseline", action="store_true", help="also probe the same architecture at random init")
-    linear.add_argument("--max-train-samples", type=int,
-                        help="first N training samples (default: run's eval.max_train_samples, else all)")
-    linear.add_argument("--max-test-samples", type=int,
-                        help="first N test samples (default: run's eval.max_test_samples, else all)")
+    linear = labeled_eval("linear", "linear probe of the frozen encoder: BatchNorm + linear layer "
+                          "trained on its features (MAE / MoCo v3 protocol; image runs)",
+                          "to train the probe on", "test")
     linear.add_argument("--epochs", type=int, default=100, help="passes over the features")
     linear.add_argument("--batch-size", type=int, default=256, help="SGD batch")
     linear.add_argument("--lr", type=float, default=0.1, help="base learning rate per 256 samples")

@@ -217,6 +217,12 @@ def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> 
     optimizer = build_optimizer(model, cfg)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                        dist_init_required=False)
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        # One rank, no ZeRO: nothing to average, but DeepSpeed would still flatten every gradient,
+        # "all-reduce" it over the one rank and copy it back at each boundary (bench/
+        # step_overhead.py's profile: the largest piece of its own time in the demo step). The
+        # result is the same bit for bit (a sum over one rank, divided by 1).
+        ds.enable_backward_allreduce = False
     if cfg.train.compile:  # the objective's forward (augmentation, model, loss); dynamic shapes
         ds.compile(backend=cfg.train.compile_backend, compile_kwargs={"dynamic": None})
     return Engine(ds=ds, optimizer=optimizer, precision=precision, ds_config=ds_config,

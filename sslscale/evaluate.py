@@ -112,6 +112,19 @@ def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, wo
     return f, y
 
 
+def labeled_features(objective, train_manifest: Manifest, test_manifest: Manifest, *,
+                     max_train_samples: int | None = None, max_test_samples: int | None = None,
+                     progress: tuple[str, str] | None = None, **common):
+    """``((train_features, train_labels), (test_features, test_labels))``: ``extract_features``
+    of both sets (``common``: its device, rank, world size, batch and image sizes); ``progress``:
+    the two progress labels, or None (silent)."""
+    train = extract_features(objective, train_manifest, limit=max_train_samples, **common,
+                             progress=progress and progress[0])
+    test = extract_features(objective, test_manifest, limit=max_test_samples, **common,
+                            progress=progress and progress[1])
+    return train, test
+
+
 def knn_eval(objective, train_manifest: Manifest, test_manifest: Manifest, *, device, rank: int = 0,
              world_size: int = 1, image_size: int, num_channels: int, k: int = 20,
              temperature: float = 0.07, batch_size: int = 256, max_train_samples: int | None = None,
@@ -122,12 +135,11 @@ def knn_eval(objective, train_manifest: Manifest, test_manifest: Manifest, *, de
 
     Returns ``{"knn_top1": ..., "num_train": N, "num_test": M, "k": k}``.
     """
-    common = dict(device=device, rank=rank, world_size=world_size, batch_size=batch_size,
-                  image_size=image_size, num_channels=num_channels)
-    ftr, ytr = extract_features(objective, train_manifest, limit=max_train_samples, **common,
-                                progress=progress and f"kNN bank ({progress})")
-    fte, yte = extract_features(objective, test_manifest, limit=max_test_samples, **common,
-                                progress=progress and f"kNN queries ({progress})")
+    (ftr, ytr), (fte, yte) = labeled_features(
+        objective, train_manifest, test_manifest, device=device, rank=rank, world_size=world_size,
+        batch_size=batch_size, image_size=image_size, num_channels=num_channels,
+        max_train_samples=max_train_samples, max_test_samples=max_test_samples,
+        progress=progress and (f"kNN bank ({progress})", f"kNN queries ({progress})"))
     top1 = knn_top1(ftr, ytr, fte, yte, k=k, temperature=temperature)
     return {"knn_top1": top1, "num_train": len(ftr), "num_test": len(fte), "k": k}
 

@@ -48,7 +48,13 @@ MEANING = {OK: "finished", CRASHED: "crashed", USAGE: "config or usage error", P
 
 
 def kill_children() -> None:
-    """SIGKILL this process's ``multiprocessing`` children (data-loader workers) and reap them."""
+    """SIGKILL this process's ``multiprocessing`` children (data-loader workers) and reap them.
+    The DataLoader's SIGCHLD handler, which raises when a worker dies, is reset first: raised
+    here, it would leave the other workers alive for ``multiprocessing`` to join forever."""
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except ValueError:  # not the main thread (the watchdog): the main thread is stuck anyway
+        pass
     for child in multiprocessing.active_children():
         try:
             child.kill()
@@ -60,16 +66,14 @@ def kill_children() -> None:
 def kill_children_at_exit() -> None:
     """At interpreter exit, SIGKILL the children before ``multiprocessing`` joins them (registered
     after it, so it runs first): a worker that ignores SIGTERM can no longer hold the exit."""
+    import multiprocessing.util  # noqa: F401  registers its _exit_function now, before ours
+
     atexit.register(kill_children)
 
 
 def hard_exit(code: int) -> None:
     """Flush stdout / stderr, SIGKILL the children and end this process now with ``code``: no
     atexit handler, no join, no collective (a peer may be gone)."""
-    try:  # the DataLoader's SIGCHLD handler would raise about the workers killed here
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    except ValueError:  # not the main thread (the watchdog): the main thread is stuck anyway
-        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -108,14 +108,14 @@ def features_of(objective, train_manifest, test_manifest, *, device, rank: int =
     1``; every rank gets all): ``{"train_features" (N, D), "train_labels" (N,), "test_features"
     (M, D), "test_labels" (M,)}``, float32 / int64 on CPU. Errors as
     ``sslscale.evaluate.extract_features``."""
-    from sslscale.evaluate import extract_features
+    from sslscale.evaluate import labeled_features
 
-    common = dict(device=device, rank=rank, world_size=world_size, batch_size=batch_size,
-                  image_size=image_size, num_channels=num_channels)
-    ftr, ytr = extract_features(objective, train_manifest, limit=max_train_samples, **common,
-                                progress=progress and f"linear-probe train features ({progress})")
-    fte, yte = extract_features(objective, test_manifest, limit=max_test_samples, **common,
-                                progress=progress and f"linear-probe test features ({progress})")
+    (ftr, ytr), (fte, yte) = labeled_features(
+        objective, train_manifest, test_manifest, device=device, rank=rank, world_size=world_size,
+        batch_size=batch_size, image_size=image_size, num_channels=num_channels,
+        max_train_samples=max_train_samples, max_test_samples=max_test_samples,
+        progress=progress and (f"linear-probe train features ({progress})",
+                               f"linear-probe test features ({progress})"))
     return {"train_features": ftr.float().contiguous(), "train_labels": ytr.long().contiguous(),
             "test_features": fte.float().contiguous(), "test_labels": yte.long().contiguous()}
 
