@@ -218,11 +218,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- loop
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (a collective)."""
-        return bool(self._max_over_ranks(int(flag)))
-
-    def _max_over_ranks(self, value: int) -> int:
-        """``value``'s maximum over the ranks, on every rank (a collective)."""
-        return self._all_reduce([value], torch.distributed.ReduceOp.MAX)[0]
+        return bool(self._all_reduce([int(flag)], torch.distributed.ReduceOp.MAX)[0])
 
     def _phase(self, name: str) -> None:
         if self.watchdog is not None:

@@ -39,9 +39,9 @@ def test_log_lines_and_progress_of_eval_and_export(real_shards, tmp_path):
     ev = run("eval", "knn", str(run_dir), SSLSCALE_PROGRESS_EVERY_S="0.2")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert len(ev.stdout.splitlines()) == 1 and json.loads(ev.stdout)["num_test"] == 64
-    said = messages(ev.stderr)
-    assert any(re.fullmatch(r"kNN bank \(step 2\): 128 images in \d+\.\d s", m) for m in said) or \
-        any(m.startswith("kNN bank (step 2): ") for m in said), ev.stderr[-3000:]
+    # 128 images may take less than one progress interval (then nothing is said; the lines
+    # themselves: tests/unit/test_eval_progress.py); what it says is about the two passes.
+    assert all(m.startswith(("kNN bank (step 2): ", "kNN queries (step 2): ")) for m in messages(ev.stderr))
 
     out = tmp_path / "export"
     ex = run("export", str(run_dir), "--out", str(out), SSLSCALE_PROGRESS_EVERY_S="0.2")
