@@ -238,6 +238,7 @@ def wrap_sslscale(timers: Timers) -> None:
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
     import sslscale.trainer as tr
+    from sslscale.stop import StopVote
     from sslscale.engine import Engine
     from sslscale.metrics import MetricsLogger
     from sslscale.watchdog import StallWatchdog
@@ -247,7 +248,7 @@ def wrap_sslscale(timers: Timers) -> None:
         (_BaseDataLoaderIter, "__next__", "data: DataLoader next() (waits for the workers)", False),
         (T, "_take_data_state", "trainer: data-state bookkeeping", False),
         (T, "_forward", "trainer: _forward rest (.to, token count, non-finite count)", False),
-        (tr.StopVote, "post", "trainer: stop-signal vote (async all_reduce), per step", False),
+        (StopVote, "post", "trainer: stop-signal vote (async all_reduce), per step", False),
         (tr, "apply_schedules", "schedules (lr, weight decay)", False),
         (T, "train_step", "trainer: train_step rest (loss sums)", False),
         (T, "_log_train", "metrics: _log_train rest (window all_reduce, .item())", False),

@@ -116,7 +116,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     """
     from sslscale import exits
     from sslscale.data.stream import TrainStream, decoder_for, train_loader
-    from sslscale.trainer import StopSignals
+    from sslscale.stop import StopSignals
 
     stop = StopSignals().install()  # a stop signal during start-up is kept for the first step
     env = read_env()
