@@ -25,6 +25,7 @@ DEMO_DATA := data/demo
 DEMO_RUN := runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
 TEXT_DATA := data/pydocs
+TEXT_LABELED := data/pydocs-sections
 PYDOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: install lock demo demo-data text-data test clean
@@ -79,7 +80,9 @@ $(DEMO_DATA)/.ready: | $(VENV)/.installed
 demo-data: $(DEMO_DATA)/.ready
 
 # Text for MLM: Debian's python3.11-doc reST sources (apt-get install, else the .deb extracted into
-# .cache without root), else the pydoc topics every Python ships. Writes $(TEXT_DATA)/{train,val}.
+# .cache without root), else the pydoc topics every Python ships. Writes $(TEXT_DATA)/{train,val};
+# from the documentation, also $(TEXT_LABELED)/{train,val}: its paragraphs labeled by section (the
+# same held-out documents, the same tokenizer) for `sslscale eval linear|finetune` of MLM runs.
 $(TEXT_DATA)/.ready: | $(VENV)/.installed
 	@set -e; docs=$(PYDOCS); \
 	if [ ! -d $$docs ] && command -v apt-get >/dev/null; then \
@@ -89,7 +92,9 @@ $(TEXT_DATA)/.ready: | $(VENV)/.installed
 	   dpkg-deb -x python3.11-doc_*.deb root) >/dev/null 2>&1 || true; \
 	  [ -d $$docs ] || docs=$(CURDIR)/.cache/deb/root$(PYDOCS); fi; \
 	if [ -d $$docs ]; then src=text; else src=pydoc-topics; echo "python3.11-doc unavailable: using pydoc-topics"; fi; \
-	rm -rf $(TEXT_DATA); SSLSCALE_PYTHON_DOCS=$$docs $(SSLSCALE) data prepare $$src --out $(TEXT_DATA); \
+	rm -rf $(TEXT_DATA) $(TEXT_LABELED); SSLSCALE_PYTHON_DOCS=$$docs $(SSLSCALE) data prepare $$src --out $(TEXT_DATA); \
+	if [ $$src = text ]; then SSLSCALE_PYTHON_DOCS=$$docs $(SSLSCALE) data prepare text --labels section \
+	  --tokenizer $(TEXT_DATA)/train/tokenizer --out $(TEXT_LABELED); fi; \
 	touch $@
 
 text-data: $(TEXT_DATA)/.ready
@@ -109,4 +114,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs $(DEMO_DATA) $(TEXT_DATA) .pytest_cache
+	rm -rf runs $(DEMO_DATA) $(TEXT_DATA) $(TEXT_LABELED) .pytest_cache

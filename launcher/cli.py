@@ -61,7 +61,7 @@ def _data_prepare_text(args: argparse.Namespace) -> int:
         summary = prepare_text(args.source, args.out, inputs=args.input, vocab_size=args.vocab_size,
                                tokenizer=args.tokenizer, seq_len=args.seq_len,
                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
-                               seed=args.seed, limit=args.limit)
+                               seed=args.seed, limit=args.limit, labels=args.labels)
     except ValueError as e:  # a bad flag, an undecodable file, a split too small for one block
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -216,7 +216,7 @@ def _result_on_stdout(func):
     return run
 
 
-@_one_line_errors(ValueError)  # kNN on an MLM run or the reverse, unlabeled data
+@_one_line_errors(ValueError)  # shards of the other modality, unlabeled data
 @_result_on_stdout
 def _eval_knn(args: argparse.Namespace, out) -> int:
     from sslscale.evaluate import evaluate_run
@@ -236,7 +236,7 @@ def _eval_knn(args: argparse.Namespace, out) -> int:
     return 0
 
 
-@_one_line_errors(ValueError)  # an MLM run, unlabeled data
+@_one_line_errors(ValueError)  # shards of the other modality, unlabeled data
 @_result_on_stdout
 def _eval_linear(args: argparse.Namespace, out) -> int:
     from sslscale.linear_probe import probe_run
@@ -249,7 +249,7 @@ def _eval_linear(args: argparse.Namespace, out) -> int:
     return 0
 
 
-@_one_line_errors(ValueError, RuntimeError)  # an MLM run; a fine-tuning run that failed
+@_one_line_errors(ValueError, RuntimeError)  # shards of the other modality; a fine-tuning run that failed
 def _eval_finetune(args: argparse.Namespace) -> int:
     from sslscale.finetune import finetune_run
 
@@ -271,7 +271,7 @@ def _eval_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors(ValueError)  # kNN on an MLM run or the reverse, unlabeled data
+@_one_line_errors(ValueError)  # an image run, image shards
 @_result_on_stdout
 def _eval_mlm(args: argparse.Namespace, out) -> int:
     from sslscale.evaluate import evaluate_mlm_run
@@ -323,14 +323,17 @@ def _push(args: argparse.Namespace, out) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sslscale.plot import plot_run
+    from sslscale.plot import finetune_png, plot_finetune, plot_run
 
     try:
-        panels = plot_run(args.run_dir, args.out)
+        result = {"out": args.out, "panels": plot_run(args.run_dir, args.out)}
+        finetune_runs = plot_finetune(args.run_dir, finetune_png(args.out))
     except ValueError as e:  # a malformed metrics.jsonl line, or nothing to plot
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": args.out, "panels": panels}))
+    if finetune_runs:  # RUN_DIR/finetune*/ of `sslscale eval finetune`
+        result.update(finetune_out=str(finetune_png(args.out)), finetune_runs=finetune_runs)
+    print(json.dumps(result))
     return 0
 
 
@@ -351,7 +354,8 @@ def _add_hub_commands(sub) -> None:
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", help="branch to push to (created if missing; default main)")
     push.set_defaults(func=_push)
-    plot = sub.add_parser("plot", help="PNG of loss, lr, throughput and eval from metrics.jsonl")
+    plot = sub.add_parser("plot", help="PNG of loss, lr, throughput and eval from metrics.jsonl "
+                          "(and, after `eval finetune`, <OUT>-finetune.png of both fine-tuning runs)")
     plot.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
     plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
     plot.set_defaults(func=_plot)
@@ -521,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seq-len", type=int, default=128, help="text: tokens per block, [CLS] and [SEP] included")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="text: documents held out for val")
     prep.add_argument("--seed", type=int, default=0, help="text: seed of the split and the block order")
+    prep.add_argument("--labels", choices=["section"], help="text: labeled paragraphs instead of MLM blocks, "
+                      "labeled by their document's top-level folder (fine-tuning, linear probe); same "
+                      "document split as without it; pass --tokenizer OUT_OF_THE_MLM_DATA/train/tokenizer")
     prep.set_defaults(func=_data_prepare)
     plan = data.add_parser("plan", help="print the stream plan for a world size and worker count")
     plan.add_argument("manifest", help="manifest.json or the folder holding it")
@@ -574,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"first N {test} samples (default: run's eval.max_test_samples, else all)")
         return p
 
-    knn = labeled_eval("knn", "weighted kNN top-1 of the frozen encoder (image runs)",
+    knn = labeled_eval("knn", "weighted kNN top-1 of the frozen encoder (image runs; MLM runs on "
+                       "labeled text from data prepare text --labels section)",
                        "for the memory bank", "query")
     knn.add_argument("--k", type=int, help="neighbours that vote (default: run's eval.k)")
     knn.set_defaults(func=_eval_knn)
@@ -587,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
     mlm.set_defaults(func=_eval_mlm)
     linear = labeled_eval("linear", "linear probe of the frozen encoder: BatchNorm + linear layer "
-                          "trained on its features (MAE / MoCo v3 protocol; image runs)",
+                          "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text)",
                           "to train the probe on", "test")
     linear.add_argument("--epochs", type=int, default=100, help="passes over the features")
     linear.add_argument("--batch-size", type=int, default=256, help="SGD batch")

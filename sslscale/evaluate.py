@@ -77,6 +77,17 @@ def _eval_total(manifest: Manifest, limit: int | None, world_size: int) -> int:
 
 
 @torch.no_grad()
+def labeled_decoder(manifest: Manifest, image_size: int, num_channels: int):
+    """The decoder of labeled evaluation samples: ``LabeledTextDecoder`` for text shards
+    (``data prepare text --labels``), else ``ImageDecoder`` with the manifest's image / label keys."""
+    if manifest.modality == "text":
+        from sslscale.data.text import LabeledTextDecoder
+
+        return LabeledTextDecoder.for_manifest(manifest)
+    return ImageDecoder.for_manifest(manifest, image_size, num_channels)
+
+
+@torch.no_grad()
 def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, world_size: int = 1,
                      batch_size: int = 256, image_size: int, num_channels: int,
                      limit: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,18 +100,20 @@ def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, wo
     was_training = objective.training
     objective.eval()
     feats, labels = [], []
-    decode = ImageDecoder.for_manifest(manifest, image_size, num_channels)  # its image / label keys
     batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
-                           decode=decode, limit=total)
-    dummy = torch.zeros(1, num_channels, image_size, image_size, dtype=torch.uint8)
-    with show_progress(progress or "", per_rank_max, "images", enabled=bool(progress) and rank == 0) as bar:
+                           decode=labeled_decoder(manifest, image_size, num_channels), limit=total)
+    dummy = None  # a rank that runs out forwards one sample again so collective ZeRO-3 ops match
+    unit = "paragraphs" if manifest.modality == "text" else "images"
+    with show_progress(progress or "", per_rank_max, unit, enabled=bool(progress) and rank == 0) as bar:
         for _ in range(steps):
             batch = next(batches, None)
-            if batch is None:  # this rank ran out: forward a dummy so collective ZeRO-3 ops match
-                objective.features({"pixel_values": dummy.to(device)})
+            if batch is None:
+                if dummy is not None:
+                    objective.features(dummy)
                 continue
-            dummy = batch["pixel_values"][:1]
-            feats.append(objective.features({"pixel_values": batch["pixel_values"].to(device)}).cpu())
+            inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "sample_seeds")}
+            dummy = {k: v[:1] for k, v in inputs.items()}
+            feats.append(objective.features(inputs).cpu())
             labels.append(batch["labels"])
             bar.advance(len(batch["labels"]))
     objective.train(was_training)
@@ -195,16 +208,31 @@ def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
             "mlm_baseline_accuracy": counts.max().item() / n, "num_masked_tokens": int(sums[2].item())}
 
 
-def _check_kind(cfg, run_dir: str, kind: str) -> None:
-    """``ValueError`` naming the right command when ``kind`` (``knn`` or ``mlm``) does not fit
-    the run: kNN scores image encoders, ``mlm`` masked-token prediction of text (MLM) runs."""
-    is_mlm = cfg.objective.name == "mlm"
-    if kind == "knn" and is_mlm:
-        raise ValueError(f"{run_dir} is an MLM (text) run: kNN evaluates image encoders; use "
-                         f"`sslscale eval mlm {run_dir}`")
-    if kind == "mlm" and not is_mlm:
-        raise ValueError(f"{run_dir} is an image run (objective {cfg.objective.name}), not MLM; "
-                         f"use `sslscale eval knn {run_dir}`")
+def run_modality(cfg) -> str:
+    """``text`` for MLM runs and fine-tuning runs on text, else ``image``."""
+    if cfg.objective.name == "classify":
+        from sslscale.objectives.classify import train_modality
+
+        return train_modality(cfg)
+    return "text" if cfg.objective.name == "mlm" else "image"
+
+
+def labeled_manifests(cfg, train_shards: str | None, test_shards: str | None) -> tuple[Manifest, Manifest]:
+    """The labeled train / test manifests of a frozen-encoder evaluation (the run's
+    ``eval.train_shards`` / ``eval.test_shards`` unless given). ``ConfigError`` when one is
+    unset, ``ValueError`` when they hold another modality than the run's encoder reads."""
+    from sslscale.data.shards import load_manifest_for
+
+    modality = run_modality(cfg)
+    manifests = (load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards),
+                 load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards))
+    for key, manifest in zip(("eval.train_shards", "eval.test_shards"), manifests):
+        if manifest.modality != modality:
+            hint = (" (labeled text: `sslscale data prepare text --labels section --tokenizer "
+                    "THE_RUN'S_DATA/train/tokenizer`)" if modality == "text" else "")
+            raise ValueError(f"{key} = {manifest.root} holds {manifest.modality} shards; the run's "
+                             f"encoder reads {modality}{hint}")
+    return manifests
 
 
 def _check_shards(manifest: Manifest, key: str, modality: str) -> None:
@@ -214,9 +242,10 @@ def _check_shards(manifest: Manifest, key: str, modality: str) -> None:
                          f"evaluation needs {modality} shards")
 
 
-def _load_run(run_dir: str, step: int | None, kind: str):
+def _load_run(run_dir: str, step: int | None, mlm: bool = False):
     """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint,
-    ``ValueError`` if evaluation ``kind`` does not fit the run (``_check_kind``)."""
+    ``ValueError`` naming ``sslscale eval knn`` when ``mlm`` (masked-token evaluation) is asked
+    of a run that is not MLM."""
     from pathlib import Path
 
     from sslscale import checkpoint
@@ -226,7 +255,9 @@ def _load_run(run_dir: str, step: int | None, kind: str):
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sslscale run directory)")
     cfg = load_config(config_path)
-    _check_kind(cfg, run_dir, kind)
+    if mlm and cfg.objective.name != "mlm":
+        raise ValueError(f"{run_dir} is not an MLM run (objective {cfg.objective.name}); use "
+                         f"`sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
     folder = (checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(step) if step is not None
               else checkpoint.find_latest(run_dir))
     if folder is None or not checkpoint.is_complete(folder):
@@ -255,22 +286,19 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
                  max_train_samples: int | None = None, max_test_samples: int | None = None,
                  k: int | None = None) -> dict[str, Any]:
     """kNN top-1 of a run's encoder at ``step`` (default: latest complete checkpoint), in one
-    process on CPU or the first GPU. Shards and sample limits default to the run's ``eval``
-    config. With ``baseline``, also scores the same architecture at its random init (seeded
+    process on CPU or the first GPU, on labeled images, or labeled text for MLM runs
+    (``labeled_manifests``). Shards and sample limits default to the run's ``eval`` config. With ``baseline``, also scores the same architecture at its random init (seeded
     like the run) as ``random_init_knn_top1``. Raises ``FileNotFoundError`` for a run dir
-    without config or checkpoint, ``ConfigError`` for missing eval shards, ``ValueError`` for an
-    MLM run or text shards (naming ``sslscale eval mlm``).
+    without config or checkpoint, ``ConfigError`` for missing eval shards, ``ValueError`` for
+    shards of another modality than the run's.
     """
     from sslscale import checkpoint
     from sslscale.objectives import build_objective
     from sslscale.data.shards import load_manifest_for
     from sslscale.rng import seed_everything
 
-    cfg, folder = _load_run(run_dir, step, "knn")
-    bank = load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards)
-    queries = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
-    _check_shards(bank, "eval.train_shards", "image")
-    _check_shards(queries, "eval.test_shards", "image")
+    cfg, folder = _load_run(run_dir, step)
+    bank, queries = labeled_manifests(cfg, train_shards, test_shards)
     _warn_shapes(cfg, {"eval.train_shards": bank, "eval.test_shards": queries})
     device = _device()
     common = dict(device=device, image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
@@ -299,7 +327,7 @@ def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str 
     from sslscale.objectives import build_objective
     from sslscale.data.shards import load_manifest_for
 
-    cfg, folder = _load_run(run_dir, step, "mlm")
+    cfg, folder = _load_run(run_dir, step, mlm=True)
     held_out = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
     _check_shards(held_out, "eval.test_shards", "text")
     objective = build_objective(cfg)

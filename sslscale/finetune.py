@@ -4,10 +4,11 @@ shards beside the same architecture trained from scratch at the same budget.
 
 Both runs are ordinary ``sslscale train`` runs (``sslscale.objectives.classify``), on as many
 local ranks as asked, with the same data order, steps and recipe (the pretraining run's ``model``
-and ``data`` sections; MAE's fine-tuning settings scaled to the budget: AdamW, lr ``1e-3``,
-``optim.layer_decay`` 0.75, weight decay 0.05, label smoothing 0.1, warm-up a tenth of the steps,
-mean pooling behind a LayerNorm) in ``RUN_DIR/finetune/`` and ``RUN_DIR/finetune-scratch/``; they
-resume like any run when interrupted.
+and ``data`` sections; AdamW, warm-up a tenth of the steps then cosine; images: MAE's fine-tuning
+settings, lr ``1e-3``, ``optim.layer_decay`` 0.75, weight decay 0.05, label smoothing 0.1, mean
+pooling behind a LayerNorm; text: BERT's / ELECTRA's, lr ``2e-4``, layer decay 0.8, weight decay
+0.01, no label smoothing, the ``[CLS]`` token) in ``RUN_DIR/finetune/`` and
+``RUN_DIR/finetune-scratch/``; they resume like any run when interrupted.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def classify_eval(objective, manifest, *, device, rank: int = 0, world_size: int
                   image_size: int, num_channels: int, batch_size: int = 256,
                   limit: int | None = None, progress: str | None = None) -> dict[str, Any]:
     """Top-1 (fraction in [0, 1]) of a ``ClassifyObjective``'s head on ``manifest``'s labeled
-    images, un-augmented (collective when ``world_size > 1``; ZeRO-3 partitions of the head are
-    gathered). Returns ``{"top1", "num_test"}``. Errors as ``extract_features`` (unlabeled
+    images (un-augmented) or text (collective when ``world_size > 1``; ZeRO-3 partitions of the head are
+    gathered). Returns ``{"top1", "num_test", "majority_top1"}`` (the last: always answering
+    the most frequent test label). Errors as ``extract_features`` (unlabeled
     samples: ``ValueError``)."""
     from sslscale.evaluate import extract_features
 
@@ -43,21 +45,31 @@ def classify_eval(objective, manifest, *, device, rank: int = 0, world_size: int
     if norm:  # mean pooling: the LayerNorm before the head
         features = F.layer_norm(features, features.shape[1:], *norm, eps=objective.fc_norm.eps)
     predictions = F.linear(features, weight, bias).argmax(1)
-    return {"top1": (predictions == labels).float().mean().item(), "num_test": len(labels)}
+    return {"top1": (predictions == labels).float().mean().item(), "num_test": len(labels),
+            "majority_top1": torch.bincount(labels).max().item() / len(labels)}
+
+
+# The fine-tuning recipe by modality: MAE's (images), BERT's / ELECTRA's (text).
+RECIPES = {"image": {"objective.pooling": "mean", "objective.label_smoothing": 0.1, "optim.lr": 1e-3,
+                     "optim.layer_decay": 0.75, "optim.weight_decay": 0.05},
+           "text": {"objective.pooling": "cls", "objective.label_smoothing": 0.0, "optim.lr": 2e-4,
+                    "optim.layer_decay": 0.8, "optim.weight_decay": 0.01}}
 
 
 def finetune_overrides(cfg, folder: Path | None, *, run_dir: Path, train_shards: str,
-                       test_shards: str, steps: int) -> list[str]:
+                       test_shards: str, steps: int, modality: str = "image") -> list[str]:
     """The ``classify`` run's overrides on top of the pretraining run's config: its encoder from
-    checkpoint ``folder`` (None: from scratch), the labeled shards, the fine-tuning recipe."""
+    checkpoint ``folder`` (None: from scratch), the labeled shards, the fine-tuning recipe of
+    ``modality`` (``RECIPES``)."""
     return [
-        "objective.name=classify", "objective.num_classes=0", "objective.pooling=mean",
-        "objective.label_smoothing=0.1", f"data.train_shards={train_shards}",
+        "objective.name=classify", "objective.num_classes=0",
+        *(f"{key}={value}" for key, value in RECIPES[modality].items()),
+        f"data.train_shards={train_shards}",
         "eval.train_shards=null", f"eval.test_shards={test_shards}", "eval.every_steps=0",
         f"run_dir={run_dir}", "resume=auto", f"train.max_steps={steps}",
-        f"train.init_from={folder if folder is not None else 'null'}", "optim.lr=1e-3",
-        "optim.min_lr=1e-6", f"optim.warmup_steps={max(1, steps // 10)}", "optim.layer_decay=0.75",
-        "optim.weight_decay=0.05", "optim.weight_decay_end=null", "optim.betas=[0.9,0.999]",
+        f"train.init_from={folder if folder is not None else 'null'}",
+        "optim.min_lr=1e-6", f"optim.warmup_steps={max(1, steps // 10)}",
+        "optim.weight_decay_end=null", "optim.betas=[0.9,0.999]",
         f"checkpoint.every_steps={max(1, steps // 4)}", "checkpoint.keep_last=1",
         f"name={cfg.name}-finetune",
     ]
@@ -75,18 +87,22 @@ def finetune_run(run_dir: str, *, train_shards: str, test_shards: str, steps: in
                  step: int | None = None, nproc: int = 1, from_scratch_only: bool = False,
                  overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Fine-tune the encoder of ``run_dir`` (checkpoint ``step``, default the latest complete)
-    for ``steps`` optimizer steps on ``train_shards`` (labeled images) and train the same
+    for ``steps`` optimizer steps on ``train_shards`` (labeled images, or labeled text for an
+    MLM run) and train the same
     architecture from scratch with the same recipe and data; both scored on ``test_shards``.
     ``nproc`` local ranks each; ``overrides``: more ``key=value`` for both runs. Returns
     ``{"finetune_top1", "scratch_top1", "steps", ...}`` (only ``scratch_top1`` with
     ``from_scratch_only``) and writes it to ``RUN_DIR/eval/finetune-<step>.json``. Raises
-    ``FileNotFoundError`` (no run or checkpoint), ``ValueError`` (an MLM run), ``RuntimeError``
+    ``FileNotFoundError`` (no run or checkpoint), ``ValueError`` (shards of another modality
+    than the run's), ``RuntimeError``
     naming the run that failed (its own error lines are on stderr)."""
     from launcher.local import launch
     from sslscale.checkpoint import step_of, tag_for
-    from sslscale.evaluate import _load_run
+    from sslscale.evaluate import _load_run, labeled_manifests, run_modality
 
-    cfg, folder = _load_run(run_dir, step, "knn")
+    cfg, folder = _load_run(run_dir, step)
+    labeled_manifests(cfg, train_shards, test_shards)  # the run's modality, before two runs fail
+    modality = run_modality(cfg)
     config = str(Path(run_dir) / "config.yaml")
     runs = {"scratch": (Path(run_dir) / "finetune-scratch", None)}
     if not from_scratch_only:
@@ -95,7 +111,7 @@ def finetune_run(run_dir: str, *, train_shards: str, test_shards: str, steps: in
                               "train_shards": train_shards, "test_shards": test_shards}
     for kind, (out, init) in runs.items():
         args = finetune_overrides(cfg, init, run_dir=out, train_shards=train_shards,
-                                  test_shards=test_shards, steps=steps) + list(overrides)
+                                  test_shards=test_shards, steps=steps, modality=modality) + list(overrides)
         code = launch(nproc, config, args)
         if code:
             raise RuntimeError(f"the {kind} run in {out} ended with exit code {code}")

@@ -146,7 +146,8 @@ def probe_run(run_dir: str, *, step: int | None = None, train_shards: str | None
               test_shards: str | None = None, baseline: bool = False,
               max_train_samples: int | None = None, max_test_samples: int | None = None,
               epochs: int = 100, batch_size: int = 256, lr: float = 0.1) -> dict[str, Any]:
-    """Linear probe of a run's image encoder at ``step`` (default: the latest complete
+    """Linear probe of a run's encoder (images, or text: MLM runs on ``data prepare text
+    --labels`` shards) at ``step`` (default: the latest complete
     checkpoint) on labeled shards (default: the run's ``eval.train_shards`` /
     ``eval.test_shards`` and sample limits), in one process on CPU or the first GPU. Features
     are cached in ``RUN_DIR/eval/linear-features-<step>.safetensors``. With ``baseline``, also
@@ -154,18 +155,14 @@ def probe_run(run_dir: str, *, step: int | None = None, train_shards: str | None
     ``random_init_linear_top1``. The result (see ``train_linear_probe``, plus ``step``, shards
     and ``protocol``) is also written to ``RUN_DIR/eval/linear-<step>.json``. Raises
     ``FileNotFoundError`` (no run or checkpoint), ``ConfigError`` (no eval shards),
-    ``ValueError`` (an MLM run, text or unlabeled shards)."""
+    ``ValueError`` (shards of another modality than the run's, unlabeled shards)."""
     from sslscale import checkpoint
-    from sslscale.data.shards import load_manifest_for
-    from sslscale.evaluate import _check_shards, _device, _load_run
+    from sslscale.evaluate import _device, _load_run, labeled_manifests
     from sslscale.objectives import build_objective
     from sslscale.rng import seed_everything
 
-    cfg, folder = _load_run(run_dir, step, "knn")
-    train = load_manifest_for("eval.train_shards", train_shards or cfg.eval.train_shards)
-    test = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
-    _check_shards(train, "eval.train_shards", "image")
-    _check_shards(test, "eval.test_shards", "image")
+    cfg, folder = _load_run(run_dir, step)
+    train, test = labeled_manifests(cfg, train_shards, test_shards)
     step_done = checkpoint.step_of(folder)
     limits = dict(max_train_samples=max_train_samples or cfg.eval.max_train_samples,
                   max_test_samples=max_test_samples or cfg.eval.max_test_samples)

@@ -4,10 +4,12 @@ a jinja2 template (``sslscale/templates/modelcard.md.j2``) through huggingface_h
 
 Every number comes from the run directory: the checkpoint's client state (step, samples and
 tokens seen) and completion marker (world size, ZeRO stage), ``metrics.jsonl`` (final loss,
-evaluation), ``eval/*.json`` (the random-init kNN baseline of ``sslscale eval knn --baseline``),
-``system.jsonl`` (hardware), ``config.yaml`` and the training manifest (source, license, sha256
-of ``manifest.json``, which lists every shard's sha256). A value the run never measured is
-written as "not measured", never guessed.
+evaluation), ``eval/*.json`` (the random-init kNN baseline of ``sslscale eval knn --baseline``,
+``eval/linear-*.json`` of ``sslscale eval linear``, ``eval/finetune-*.json`` of ``sslscale eval
+finetune``), ``system.jsonl`` (hardware), ``config.yaml`` and the training manifest (source,
+license, sha256 of ``manifest.json``, which lists every shard's sha256). A value the run never
+measured is written as "not measured", never guessed; the linear-probe and fine-tuning rows
+appear only once measured.
 """
 
 from __future__ import annotations
@@ -125,17 +127,18 @@ def _precision(precision: str, sessions: list[dict[str, Any]]) -> str:
     return "auto: " + ", ".join("bf16 (CUDA)" if d == "cuda" else "fp32 (CPU)" for d in devices)
 
 
-def _knn_baseline(run_dir: Path, step: int) -> dict[str, Any] | None:
-    """The newest ``sslscale eval knn --baseline`` result saved under ``RUN_DIR/eval/`` (one
-    JSON object per file or line), preferring one of ``step``."""
+def _saved_eval(run_dir: Path, step: int, key: str, pattern: str = "*.json") -> dict[str, Any] | None:
+    """The newest result holding ``key`` saved under ``RUN_DIR/eval/`` in a file matching
+    ``pattern`` (one JSON object per file or line), preferring one of ``step``; None when there
+    is none (unreadable lines are skipped)."""
     found = []
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in sorted((run_dir / "eval").glob(pattern)):
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and "random_init_knn_top1" in row:
+            if isinstance(row, dict) and key in row:
                 found.append((row.get("step") == step, path.stat().st_mtime, row))
     return max(found, key=lambda f: f[:2])[2] if found else None
 
@@ -145,15 +148,20 @@ def dataset_of(source: str) -> tuple[str, str]:
     return DATASETS.get(source, (source, source))
 
 
-def _eval_source(cfg, train_source: str) -> str:
-    """The source of the held-out / test shards the run evaluates on (the training source if
+def _eval_source(test_shards: str | None, train_source: str) -> str:
+    """The source of the held-out / test shards at ``test_shards`` (the training source if
     they are gone)."""
     from sslscale.data.shards import load_manifest_for
 
     try:
-        return load_manifest_for("eval.test_shards", cfg.eval.test_shards).source
+        return load_manifest_for("eval.test_shards", test_shards).source
     except Exception:  # noqa: BLE001 - missing or unreadable eval shards: the card still renders
         return train_source
+
+
+# model-index tasks: (task type, task name)
+_KNN_TASK = ("image-classification", "kNN classification of frozen features")
+_MLM_TASK = ("fill-mask", "Masked Language Modeling")
 
 
 def _mlm_rows(at) -> list[dict[str, Any]]:
@@ -163,27 +171,19 @@ def _mlm_rows(at) -> list[dict[str, Any]]:
     masked, _ = at("eval/num_masked_tokens")
     where = (f", {int(masked):,} masked tokens" if masked is not None else "") + (
         f", step {acc_step}" if acc_step is not None else "")
+    common = {"task": _MLM_TASK, "split": "validation"}
     return [{"metric": "masked-token accuracy (held-out)", "value": _fmt(acc),
              "baseline": f"{_fmt(base)} (always the most frequent token)",
-             "protocol": f"held-out shards{where}", "type": "accuracy", "raw": acc},
+             "protocol": f"held-out shards{where}", "type": "accuracy", "raw": acc, **common},
             {"metric": "masked-token perplexity (held-out)", "value": _fmt(ppl, 2),
-             "baseline": "-", "protocol": f"held-out shards{where}", "type": "perplexity", "raw": ppl}]
+             "baseline": "-", "protocol": f"held-out shards{where}", "type": "perplexity", "raw": ppl,
+             **common}]
 
 
-def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
-    """Rows (metric, value, baseline, protocol; ``type`` and ``raw`` value for the
-    ``model-index``, ``raw`` None when not measured) for the evaluation table."""
-    series = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
-
-    def at(key, at_step=step):
-        point = value_at(series, key, at_step)
-        return (point[1], point[0]) if point else (None, None)
-
-    if cfg.objective.name == "mlm":
-        return _mlm_rows(at)
+def _knn_rows(at, run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
     knn, knn_step = at("eval/knn_top1")
     bank, queries = (at("eval/num_train", knn_step)[0], at("eval/num_test", knn_step)[0]) if knn_step else (None, None)
-    baseline = _knn_baseline(run_dir, step)
+    baseline = _saved_eval(run_dir, step, "random_init_knn_top1")
     if baseline is not None and baseline.get("step") == step:  # same protocol, same test set
         knn, knn_step = baseline["knn_top1"], step
         bank, queries = baseline.get("num_train"), baseline.get("num_test")
@@ -198,7 +198,73 @@ def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
     return [{"metric": "kNN top-1", "value": _fmt(knn),
              "baseline": (f"{_fmt(baseline['random_init_knn_top1'])} (same architecture at random init)"
                           if baseline else f"{NOT_MEASURED} (run `sslscale eval knn RUN_DIR --baseline`)"),
-             "protocol": protocol, "type": "accuracy", "raw": knn}]
+             "protocol": protocol, "type": "accuracy", "raw": knn, "task": _KNN_TASK, "split": "test"}]
+
+
+def _count(n: Any) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) else "?"
+
+
+def _labeled(cfg, task_name: str) -> tuple[tuple[str, str], str]:
+    """The model-index task of a classification of the run's labeled data, and what one labeled
+    sample is (labeled paragraphs of ``data prepare text --labels`` for MLM runs)."""
+    if cfg.objective.name == "mlm":
+        return ("text-classification", task_name), "paragraphs"
+    return ("image-classification", task_name), "images"
+
+
+def _linear_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
+    """The linear-probe row of the newest ``eval/linear-*.json`` (preferring ``step``'s), or
+    none when the run was never probed."""
+    probe = _saved_eval(run_dir, step, "linear_top1", "linear-*.json")
+    if probe is None:
+        return []
+    task, noun = _labeled(cfg, "Linear probe of frozen features")
+    base = probe.get("random_init_linear_top1")
+    protocol = (f"{probe.get('protocol', 'linear probe')}: {_count(probe.get('num_train'))} labeled "
+                f"training {noun}, {_count(probe.get('num_test'))} test {noun}, "
+                f"{probe.get('epochs', '?')} epochs, step {probe.get('step', '?')}")
+    return [{"metric": "linear probe top-1", "value": _fmt(probe["linear_top1"]),
+             "baseline": (f"{_fmt(base)} (same architecture at random init)" if base is not None
+                          else f"{NOT_MEASURED} (run `sslscale eval linear RUN_DIR --baseline`)"),
+             "protocol": protocol, "type": "accuracy", "raw": probe["linear_top1"], "task": task,
+             "split": "test", "test_shards": probe.get("test_shards")}]
+
+
+def _finetune_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
+    """The fine-tuning row of the newest ``eval/finetune-*.json`` (preferring ``step``'s), or
+    none when the run was never fine-tuned."""
+    result = _saved_eval(run_dir, step, "scratch_top1", "finetune-*.json")
+    if result is None:
+        return []
+    task, noun = _labeled(cfg, "Fine-tuning")
+    tuned, steps = result.get("finetune_top1"), result.get("steps", "?")
+    protocol = (f"all weights fine-tuned from step {result.get('step', '?')} for {steps} steps "
+                f"(`sslscale eval finetune`: objective classify, AdamW, layer decay, warm-up + "
+                f"cosine), top-1 on {_count(result.get('num_test'))} test {noun} of the shards "
+                f"`{Path(result.get('test_shards') or '?').name}`")
+    return [{"metric": "fine-tuned top-1",
+             "value": _fmt(tuned) if tuned is not None else
+             f"{NOT_MEASURED} (only `--from-scratch` was run)",
+             "baseline": f"{_fmt(result['scratch_top1'])} (same architecture from scratch, same "
+                         f"recipe and {steps} steps)",
+             "protocol": protocol, "type": "accuracy", "raw": tuned, "task": task, "split": "test",
+             "test_shards": result.get("test_shards")}]
+
+
+def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
+    """Rows (metric, value, baseline, protocol; ``type``, ``raw`` value, ``task`` (type, name)
+    and dataset ``split`` for the ``model-index``, ``raw`` None when not measured; ``test_shards``
+    where a row names its own) for the evaluation table: kNN (image runs) or MLM rows, then the
+    linear probe and fine-tuning rows where those were run."""
+    series = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+
+    def at(key, at_step=step):
+        point = value_at(series, key, at_step)
+        return (point[1], point[0]) if point else (None, None)
+
+    rows = _mlm_rows(at) if cfg.objective.name == "mlm" else _knn_rows(at, run_dir, cfg, step)
+    return rows + _linear_rows(run_dir, cfg, step) + _finetune_rows(run_dir, cfg, step)
 
 
 def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
@@ -228,6 +294,10 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
             f"MLP {c.intermediate_size}, vocabulary {c.vocab_size}, {c.max_position_embeddings} positions")
     masked_lm = published_class.endswith("ForMaskedLM")
     data_id, data_name = dataset_of(manifest.source)
+    eval_rows = _eval_rows(run_dir, cfg, step)
+    for row in eval_rows:  # the linear probe and fine-tuning name the labeled shards they used
+        if row.get("test_shards"):
+            row["data"] = dataset_of(_eval_source(row["test_shards"], manifest.source))
     return {
         "repo_id": repo_id, "title": repo_id or f"{cfg.name} ({name} encoder)",
         "model_index_name": repo_id or cfg.name, "load_id": load_id or repo_id or cfg.name,
@@ -237,7 +307,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
                          else "feature-extraction"),
         "dropped": None if masked_lm else _DROPPED.get(name, "the objective's heads"), "architecture": arch,
         "data_id": data_id, "data_name": data_name,
-        "eval_data": dataset_of(_eval_source(cfg, manifest.source)),
+        "eval_data": dataset_of(_eval_source(cfg.eval.test_shards, manifest.source)),
         "gray": image and cfg.model.num_channels == 1,
         "num_params": num_params, "num_params_text": f"{num_params:,}", "hidden_size": c.hidden_size,
         "mae_keep": f"{1 - cfg.objective.mask_ratio:.0%}",
@@ -254,7 +324,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
         "world_size": marker.get("world_size"), "hardware": _hardware(run_dir),
         "final_loss": _fmt(loss[1]) if loss else NOT_MEASURED,
         "final_loss_step": loss[0] if loss else None,
-        "eval_rows": _eval_rows(run_dir, cfg, step),
+        "eval_rows": eval_rows,
         "pooling": pooling, "pooling_code": _POOLING[pooling][0], "pooling_text": _POOLING[pooling][1],
         "round_trip_diff": f"{round_trip_diff:.2e}",
         "sslscale_version": sslscale_version(),
@@ -274,18 +344,26 @@ def _public_config_yaml(cfg) -> str:
 
 
 def _eval_results(facts: dict[str, Any]) -> list:
-    """``EvalResult`` s for the card's ``model-index`` (as HF Trainer writes it): the measured
-    kNN top-1 (image-classification on the test shards) or MLM accuracy / perplexity
-    (fill-mask on the held-out shards). Empty when nothing was measured."""
+    """``EvalResult`` s for the card's ``model-index`` (as HF Trainer writes it), one per
+    measured row of ``facts["eval_rows"]``: kNN top-1 (image-classification on the test shards)
+    or MLM accuracy / perplexity (fill-mask on the held-out shards), linear-probe and fine-tuned
+    top-1 (image- or text-classification on their test shards). The hub groups results of one
+    task type, dataset and split under one task name: those of all its rows, joined. Empty when
+    nothing was measured."""
     from huggingface_hub import EvalResult
 
-    task = (("image-classification", "kNN classification of frozen features") if facts["image"]
-            else ("fill-mask", "Masked Language Modeling"))
-    data_id, data_name = facts["eval_data"]
-    return [EvalResult(task_type=task[0], task_name=task[1], dataset_type=data_id,
-                       dataset_name=data_name, dataset_split="test" if facts["image"] else "validation",
+    measured = [(row, row.get("data", facts["eval_data"])) for row in facts["eval_rows"]
+                if row.get("raw") is not None]
+    names: dict[tuple, list[str]] = {}  # (task type, dataset, split) -> task names
+    for row, data in measured:
+        group = names.setdefault((row["task"][0], data, row["split"]), [])
+        if row["task"][1] not in group:
+            group.append(row["task"][1])
+    return [EvalResult(task_type=row["task"][0],
+                       task_name="; ".join(names[row["task"][0], data, row["split"]]),
+                       dataset_type=data[0], dataset_name=data[1], dataset_split=row["split"],
                        metric_type=row["type"], metric_name=row["metric"], metric_value=round(row["raw"], 6))
-            for row in facts["eval_rows"] if row.get("raw") is not None]
+            for row, data in measured]
 
 
 def render_card(facts: dict[str, Any], license: str = "apache-2.0") -> str:

@@ -10,12 +10,18 @@ eval perplexity (``eval/*perplexity``, log scale), and any other numeric ``eval/
 panel of its own. Eval set sizes (``eval/num_*``, ``eval/k``) are not curves and are left out.
 Steps logged twice (a resume after a kill) show the later value. Uses matplotlib's Agg backend,
 so no display is needed.
+
+Where ``sslscale eval finetune`` ran (``RUN_DIR/finetune/`` and / or ``RUN_DIR/finetune-scratch/``,
+each a run with its own ``metrics.jsonl``), ``plot_finetune`` draws both runs on one figure
+(``finetune_png``: beside the main PNG): their training loss on shared axes, then their held-out
+top-1 (``eval/top1``) points.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -67,6 +73,38 @@ def panels_for(series: dict[str, list[tuple[int, float]]]) -> list[Panel]:
     return panels
 
 
+def _figure(rows: int):
+    """A figure of ``rows`` panels stacked on one step axis, and its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 2.6 * rows), sharex=True, squeeze=False)
+    return fig, axes[:, 0]
+
+
+def _label_axis(ax, title: str, ylabel: str, log: bool = False) -> None:
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _save(fig, axes, out: str | os.PathLike, title: str, xlabel: str) -> None:
+    """Write ``fig`` as the PNG ``out`` (its folder created) and release it."""
+    import matplotlib.pyplot as plt
+
+    axes[-1].set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> list[str]:
     """Write the PNG ``out`` for ``RUN_DIR/metrics.jsonl``; returns the panel titles drawn (one
     quantity each, see :func:`panels_for`).
@@ -74,30 +112,95 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> list[str]:
     Raises ``FileNotFoundError`` (no metrics.jsonl) and ``ValueError`` (a malformed line, or no
     metric that any panel shows).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = read_metrics(run_dir)
     panels = panels_for(series)
     if not panels:
         raise ValueError(f"{run_dir}/metrics.jsonl: no loss, lr, throughput or eval metric to plot")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels):
+    fig, axes = _figure(len(panels))
+    for ax, panel in zip(axes, panels):
         for key in panel.keys:
             steps, values = zip(*series[key])
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
-        if panel.log:
-            ax.set_yscale("log")
-        ax.set_title(panel.title)
-        ax.set_ylabel(panel.ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    axes[-1, 0].set_xlabel("optimizer step")
-    fig.suptitle(f"{Path(run_dir).resolve().name}")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+        _label_axis(ax, panel.title, panel.ylabel, panel.log)
+    _save(fig, axes, out, Path(run_dir).resolve().name, "optimizer step")
     return [panel.title for panel in panels]
+
+
+# The two runs of ``sslscale eval finetune`` inside a pretraining run, in drawing order.
+FINETUNE_FOLDERS = ("finetune", "finetune-scratch")
+# (metric, panel title, y label) of the fine-tuning figure
+_FINETUNE_PANELS = [("train/loss", "fine-tuning: training loss", "loss"),
+                    ("eval/top1", "fine-tuning: held-out top-1", "top-1")]
+
+
+class FinetuneRun(NamedTuple):
+    folder: str  # one of FINETUNE_FOLDERS
+    label: str  # "fine-tuned from step N" or "from scratch"
+    series: dict[str, list[tuple[int, float]]]  # its read_metrics
+
+
+def finetune_png(out: str | os.PathLike) -> Path:
+    """Where the fine-tuning figure of a plot written to ``out`` goes: beside it,
+    ``<stem>-finetune.png``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}-finetune.png")
+
+
+def _init_step(run: Path) -> int | None:
+    """The pretraining step a fine-tuning run started from: its ``train.init_from`` checkpoint
+    folder (``.../step-XXXXXXXX``) in its ``config.yaml``; None when not recorded."""
+    import yaml
+
+    try:
+        init_from = yaml.safe_load((run / "config.yaml").read_text())["train"]["init_from"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    found = re.search(r"step-(\d+)$", str(init_from or "").rstrip("/"))
+    return int(found[1]) if found else None
+
+
+def finetune_runs(run_dir: str | os.PathLike) -> list[FinetuneRun]:
+    """The fine-tuning runs inside ``run_dir`` (``FINETUNE_FOLDERS`` that hold a
+    ``metrics.jsonl``), labeled "fine-tuned from step N" (N from the run's ``train.init_from``;
+    "fine-tuned" when not recorded) or "from scratch". Raises ``ValueError`` for a malformed
+    metrics line."""
+    runs = []
+    for folder in FINETUNE_FOLDERS:
+        run = Path(run_dir) / folder
+        if not (run / "metrics.jsonl").is_file():
+            continue
+        step = _init_step(run) if folder == "finetune" else None
+        label = ("from scratch" if folder == "finetune-scratch"
+                 else f"fine-tuned from step {step}" if step is not None else "fine-tuned")
+        runs.append(FinetuneRun(folder, label, read_metrics(run)))
+    return runs
+
+
+def plot_finetune(run_dir: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """Write the PNG ``out`` of the fine-tuning runs in ``run_dir`` (``finetune_runs``): their
+    ``train/loss`` on one panel, their held-out ``eval/top1`` points (values written beside them)
+    on another, each panel drawn when a run logged it. Returns the labels of the runs drawn; an
+    empty list, and no file, when there is no fine-tuning run or none logged either metric.
+    Raises ``ValueError`` for a malformed metrics line."""
+    runs = [r for r in finetune_runs(run_dir) if any(r.series.get(k) for k, _, _ in _FINETUNE_PANELS)]
+    panels = [p for p in _FINETUNE_PANELS if any(r.series.get(p[0]) for r in runs)]
+    if not panels:
+        return []
+    fig, axes = _figure(len(panels))
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        for run in runs:
+            if not run.series.get(key):
+                continue
+            steps, values = zip(*run.series[key])
+            color = f"C{FINETUNE_FOLDERS.index(run.folder)}"
+            if key == "train/loss":
+                ax.plot(steps, values, color=color, label=run.label)
+                continue
+            ax.plot(steps, values, "o", color=color, label=run.label)
+            for step, value in zip(steps, values):
+                ax.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(-6, 0),
+                            ha="right", va="center", fontsize="small", color=color)
+            ax.margins(y=0.15)
+        _label_axis(ax, title, ylabel)
+    _save(fig, axes, out, f"{Path(run_dir).resolve().name}: fine-tuning", "fine-tuning step")
+    return [run.label for run in runs]

@@ -38,24 +38,20 @@ def init_weights_from(objective, folder: Path) -> None:
 
 def resolve_num_classes(cfg, manifest) -> None:
     """``classify`` with ``objective.num_classes = 0``: the number of the training shards'
-    classes (their manifest's ``meta.classes``). ``ConfigError`` when it is unknown there, or
-    for text shards (fine-tuning reads image labels)."""
+    classes (their manifest's ``meta.classes``). ``ConfigError`` when it is unknown there."""
     from sslscale.config import ConfigError
 
-    if cfg.objective.name != "classify":
+    if cfg.objective.name != "classify" or cfg.objective.num_classes != 0:
         return
-    if manifest.modality != "image":
-        raise ConfigError(f"key 'data.train_shards' = {manifest.root} holds {manifest.modality} "
-                          "shards; objective.name=classify fine-tunes image encoders")
-    if cfg.objective.num_classes == 0:
-        classes = (manifest.meta or {}).get("classes")
-        if not classes:
-            raise ConfigError(f"key 'objective.num_classes' = 0 and {manifest.root}/manifest.json "
-                              "records no classes (meta.classes): set objective.num_classes")
-        from omegaconf import read_write
+    classes = (manifest.meta or {}).get("classes")
+    if not classes:
+        raise ConfigError(f"key 'objective.num_classes' = 0 and {manifest.root}/manifest.json records "
+                          "no classes (meta.classes): set objective.num_classes, or prepare labeled "
+                          "shards (image-folder class folders, `data prepare text --labels section`)")
+    from omegaconf import read_write
 
-        with read_write(cfg):  # the config is read-only once loaded
-            cfg.objective.num_classes = len(classes)
+    with read_write(cfg):  # the config is read-only once loaded
+        cfg.objective.num_classes = len(classes)
 
 
 def make_evaluator(cfg, engine, env, train_manifest):
@@ -63,7 +59,7 @@ def make_evaluator(cfg, engine, env, train_manifest):
     on ``eval.test_shards`` (held-out text); for fine-tuning (``classify``), the head's top-1 on
     ``eval.test_shards``; for other image objectives, kNN top-1 with ``eval.train_shards`` as
     the bank and ``eval.test_shards`` as the queries."""
-    if train_manifest.modality == "text" and cfg.eval.test_shards:
+    if train_manifest.modality == "text" and cfg.eval.test_shards and cfg.objective.name != "classify":
         from sslscale.data.stream import decoder_for
         from sslscale.evaluate import mlm_eval
 

@@ -65,6 +65,32 @@ def text_shards(tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train", "val": root / "val"}
 
 
+@pytest.fixture(scope="session")
+def labeled_text_shards(tmp_path_factory) -> dict[str, Path]:
+    """Real labeled text: 18 pages of Debian's python3.11-doc (6 each of c-api, howto, tutorial)
+    as MLM blocks (``train`` / ``val``, 64 tokens, 1,000-token vocabulary) and, with the same
+    tokenizer and held-out documents, as paragraphs labeled by section (``labeled_train`` /
+    ``labeled_val``); ``docs``: the copied pages. Skips without python3.11-doc."""
+    import shutil
+
+    from sslscale.data.sources import PYTHON_DOCS_DIR
+    from sslscale.data.text import prepare_text
+
+    if not PYTHON_DOCS_DIR.is_dir():
+        pytest.skip("python3.11-doc is not installed (apt-get install python3.11-doc)")
+    root = tmp_path_factory.mktemp("labeled-text")
+    for section in ("c-api", "howto", "tutorial"):
+        (root / "docs" / section).mkdir(parents=True)
+        for page in sorted((PYTHON_DOCS_DIR / section).glob("*.rst.txt"))[:6]:
+            shutil.copy(page, root / "docs" / section / page.name)
+    common = dict(inputs=[str(root / "docs")], seq_len=64, val_fraction=0.25, samples_per_shard=100)
+    prepare_text("text", root / "mlm", vocab_size=1000, **common)
+    prepare_text("text", root / "labeled", labels="section", tokenizer=str(root / "mlm" / "train" / "tokenizer"),
+                 **common)
+    return {"train": root / "mlm" / "train", "val": root / "mlm" / "val", "docs": root / "docs",
+            "labeled_train": root / "labeled" / "train", "labeled_val": root / "labeled" / "val"}
+
+
 MLM_RECIPE = ROOT / "configs" / "demo" / "mlm_bert_tiny_pydocs.yaml"
 TINY_BERT = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
              "model.intermediate_size=64", "model.max_position_embeddings=64",

@@ -45,6 +45,22 @@ def decode_image(data: bytes, image_size: int, num_channels: int) -> torch.Tenso
     return decode_crop(data, image_size, num_channels, center_box)
 
 
+def read_label(sample: dict[str, Any], label_key: str = "cls") -> int:
+    """A sample's integer label: member ``label_key`` (``cls``: ASCII digits) or, for
+    ``json:FIELD``, that field of its ``.json``; -1 when it has none. ``ValueError`` names the
+    sample, its shard and the key when the value is not an integer."""
+    try:
+        if label_key.startswith("json:"):
+            if "json" not in sample:
+                return -1
+            value = json.loads(sample["json"]).get(label_key[5:], -1)
+            return -1 if value is None else int(value)
+        return int(sample[label_key]) if label_key in sample else -1
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')}: label "
+                         f"'{label_key}' is not an integer ({type(e).__name__}: {e})") from None
+
+
 class ImageDecoder:
     """A raw WebDataset sample -> ``{"pixel_values": uint8 (C, S, S), "labels": int (-1 = none),
     "sample_seeds": int}``. ``image_key``: the image member's extension (default: the first of
@@ -82,25 +98,17 @@ class ImageDecoder:
                              f"image ({', '.join(keys)})")
         box = center_box if self.crop == "center" else random_resized_box(seed, self.crop_scale)
         return {"pixel_values": decode_crop(sample[key], self.image_size, self.num_channels, box),
-                "labels": self._label(sample), "sample_seeds": seed}
-
-    def _label(self, sample: dict[str, Any]) -> int:
-        try:
-            if self.label_key.startswith("json:"):
-                if "json" not in sample:
-                    return -1
-                value = json.loads(sample["json"]).get(self.label_key[5:], -1)
-                return -1 if value is None else int(value)
-            return int(sample[self.label_key]) if self.label_key in sample else -1
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"sample {sample.get('__key__')} from {sample.get('__url__')}: label "
-                             f"'{self.label_key}' is not an integer ({type(e).__name__}: {e})") from None
-
+                "labels": read_label(sample, self.label_key), "sample_seeds": seed}
 
 def decoder_for(cfg, manifest: Manifest) -> Decoder:
-    """The decoder for ``manifest``'s modality: token blocks + MLM masking for text
-    (``sslscale.data.masking.MLMDecoder``), images resized to ``model.image_size`` otherwise
-    (with the manifest's image and label keys)."""
+    """The decoder for ``manifest``'s modality: labeled token blocks for fine-tuning on text
+    (``objective.name: classify``; ``sslscale.data.text.LabeledTextDecoder``), token blocks + MLM
+    masking for other text objectives (``sslscale.data.masking.MLMDecoder``), images resized to
+    ``model.image_size`` otherwise (with the manifest's image and label keys)."""
+    if manifest.modality == "text" and cfg.objective.name == "classify":
+        from sslscale.data.text import LabeledTextDecoder
+
+        return LabeledTextDecoder.for_manifest(manifest)
     if manifest.modality == "text":
         from sslscale.data.masking import MLMDecoder
 

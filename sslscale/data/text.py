@@ -18,6 +18,15 @@ bytes of a 1-D uint16 array (int32 when the vocabulary exceeds 65,535)>}``. The 
 ``modality: "text"`` and ``meta`` = {split, seq_len, vocab_size, num_tokens, dtype, tokenizer
 (folder relative to the manifest), tokenizer_sha256, num_documents, corpus_tokens,
 dropped_tokens, special_tokens}. Readers use ``decode_token_block`` and ``load_tokenizer``.
+
+Labeled text (``--labels section``, for fine-tuning and linear probing): the same document split
+(so the held-out documents are the MLM run's), but each sample is one paragraph (blank-line
+separated, >= ``MIN_PARAGRAPH_WORDS`` words) as ``[CLS] tokens [SEP]`` truncated to ``seq_len``
+and padded with ``[PAD]``, with member ``cls`` = the index of its document's top-level folder
+(``library/os.rst.txt`` -> ``library``) in ``meta.classes``: the folders holding at least
+``MIN_SECTION_DOCUMENTS`` documents of the corpus, sorted; documents at the root or in smaller
+folders are left out. ``meta`` adds labels, classes, class_counts, num_paragraphs,
+truncated_paragraphs. Readers use ``LabeledTextDecoder``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import hashlib
 import io
 import os
 import random
+import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,6 +52,10 @@ TOKENIZER_DIR = "tokenizer"
 TOKENS_MEMBER = "input_ids.npy"
 MAX_BLOCKS_PER_SHARD = 10_000
 MIN_TRAIN_SHARDS = 32  # auto shard size: enough train shards for up to 32 data streams
+LABEL_MEMBER = "cls"
+LABEL_KINDS = ("section",)
+MIN_SECTION_DOCUMENTS = 5  # --labels section: smaller top-level folders are left out
+MIN_PARAGRAPH_WORDS = 8  # shorter paragraphs (headings, underlines, one-line directives) are left out
 
 
 def split_documents(documents: Sequence[Document], val_fraction: float,
@@ -168,35 +183,105 @@ def _sha256_file(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def write_split(out_dir: Path, split: str, docs: list[Document], tokenizer, corpus: TextCorpus, *,
-                seq_len: int, samples_per_shard: int | None, seed: int) -> Manifest:
-    """Tokenize ``docs``, pack and shuffle their blocks, write shards + manifest + tokenizer +
-    ``documents.txt`` (one key per line) into ``out_dir``. ``ValueError`` names the split when
-    it has fewer tokens than one block."""
-    vocab_size = len(tokenizer)
-    dtype = block_dtype(vocab_size)
+def document_section(key: str) -> str | None:
+    """A document's label under ``--labels section``: the top-level folder of its key
+    (``library/os.rst.txt`` -> ``library``; the ``<i>:`` prefix of several inputs dropped), None
+    for a file at the root of its input."""
+    path = re.sub(r"^\d+:", "", key)
+    head, sep, _ = path.partition("/")
+    return head if sep else None
+
+
+def section_classes(documents: Sequence[Document]) -> list[str]:
+    """The sorted sections holding at least ``MIN_SECTION_DOCUMENTS`` of ``documents``.
+    ``ValueError`` when fewer than two remain (nothing to classify)."""
+    counts = Counter(document_section(d.key) for d in documents)
+    classes = sorted(c for c, n in counts.items() if c is not None and n >= MIN_SECTION_DOCUMENTS)
+    if len(classes) < 2:
+        raise ValueError(f"--labels section: {len(classes)} top-level folder(s) with >= "
+                         f"{MIN_SECTION_DOCUMENTS} documents ({dict(counts)}); the labels need two")
+    return classes
+
+
+def paragraphs(text: str) -> list[str]:
+    """The blank-line separated paragraphs of ``text`` with >= ``MIN_PARAGRAPH_WORDS`` words."""
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.split()) >= MIN_PARAGRAPH_WORDS]
+
+
+def _lm_blocks(tokenizer, docs: list[Document], seq_len: int, dtype: np.dtype, where: str):
+    """MLM data: ``(blocks, None, meta)`` of the packed documents (``token_blocks``)."""
     cls_id, sep_id = _block_ids(tokenizer)
     ids = encode_documents(tokenizer, [d.text for d in docs])
     blocks, dropped = token_blocks(ids, seq_len, cls_id, sep_id, dtype)
     corpus_tokens = sum(len(x) for x in ids) + max(len(ids) - 1, 0)
     if len(blocks) == 0:
-        raise ValueError(f"{split} split of {corpus.name}: {corpus_tokens} tokens in {len(docs)} "
-                         f"document(s), fewer than one block of --seq-len {seq_len}; use a larger "
-                         "corpus, a smaller --seq-len or another --val-fraction")
+        raise ValueError(f"{where}: {corpus_tokens} tokens in {len(docs)} document(s), fewer than one "
+                         f"block of --seq-len {seq_len}; use a larger corpus, a smaller --seq-len or "
+                         "another --val-fraction")
+    return blocks, None, {"num_tokens": int(blocks.size), "corpus_tokens": corpus_tokens,
+                          "dropped_tokens": dropped}
+
+
+def _paragraph_blocks(tokenizer, docs: list[Document], classes: list[str], seq_len: int,
+                      dtype: np.dtype, where: str):
+    """Labeled data: ``(blocks, labels, meta)``, one padded block per paragraph of the documents
+    whose section is in ``classes`` (the others left out)."""
+    cls_id, sep_id = _block_ids(tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{where}: the tokenizer has no [PAD] token to pad paragraphs with")
+    index = {c: i for i, c in enumerate(classes)}
+    texts, labels, kept = [], [], []
+    for doc in docs:
+        if document_section(doc.key) in index:
+            kept.append(doc)
+            for p in paragraphs(doc.text):
+                texts.append(p)
+                labels.append(index[document_section(doc.key)])
+    if not texts:
+        raise ValueError(f"{where}: no paragraph of >= {MIN_PARAGRAPH_WORDS} words in a labeled "
+                         f"section ({', '.join(classes)}); use another --val-fraction or --seed")
+    blocks = np.full((len(texts), seq_len), tokenizer.pad_token_id, dtype=dtype)
+    truncated = 0
+    for row, ids in zip(blocks, encode_documents(tokenizer, texts)):
+        body = ids[:seq_len - 2]
+        truncated += len(body) < len(ids)
+        row[0], row[1:1 + len(body)], row[1 + len(body)] = cls_id, body, sep_id
+    return blocks, np.asarray(labels), {
+        "num_tokens": int((blocks != tokenizer.pad_token_id).sum()), "labels": "section",
+        "classes": classes, "class_counts": np.bincount(labels, minlength=len(classes)).tolist(),
+        "num_paragraphs": len(texts), "truncated_paragraphs": truncated, "documents": kept}
+
+
+def write_split(out_dir: Path, split: str, docs: list[Document], tokenizer, corpus: TextCorpus, *,
+                seq_len: int, samples_per_shard: int | None, seed: int,
+                classes: list[str] | None = None) -> Manifest:
+    """Tokenize ``docs``, pack and shuffle their blocks (``classes``: one labeled block per
+    paragraph instead, see the module docstring), write shards + manifest + tokenizer +
+    ``documents.txt`` (one key per line) into ``out_dir``. ``ValueError`` names the split when
+    it has fewer tokens than one block (no labeled paragraph)."""
+    vocab_size = len(tokenizer)
+    dtype = block_dtype(vocab_size)
+    where = f"{split} split of {corpus.name}"
+    blocks, labels, extra = (_paragraph_blocks(tokenizer, docs, classes, seq_len, dtype, where) if classes
+                             else _lm_blocks(tokenizer, docs, seq_len, dtype, where))
+    docs = extra.pop("documents", docs)
     min_shards = MIN_TRAIN_SHARDS if split == "train" else 1  # evaluation reads sample by sample
     per_shard = samples_per_shard or min(MAX_BLOCKS_PER_SHARD, max(1, len(blocks) // min_shards))
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
     (out_dir / "documents.txt").write_text("".join(d.key + "\n" for d in docs))
     order = np.random.default_rng(seed).permutation(len(blocks))
+    cls_id, sep_id = _block_ids(tokenizer)
     with ShardWriter(out_dir, per_shard, mtime=int(time.time())) as writer:
         for i in order:
-            writer.write({"__key__": f"{i:08d}", TOKENS_MEMBER: encode_npy(blocks[i])})
-        meta = {"split": split, "seq_len": seq_len, "vocab_size": vocab_size,
-                "num_tokens": int(blocks.size), "dtype": dtype.name, "tokenizer": TOKENIZER_DIR,
+            sample = {"__key__": f"{i:08d}", TOKENS_MEMBER: encode_npy(blocks[i])}
+            if labels is not None:
+                sample[LABEL_MEMBER] = str(int(labels[i])).encode()
+            writer.write(sample)
+        meta = {"split": split, "seq_len": seq_len, "vocab_size": vocab_size, "dtype": dtype.name,
+                "tokenizer": TOKENIZER_DIR,
                 "tokenizer_sha256": _sha256_file(out_dir / TOKENIZER_DIR / "tokenizer.json"),
-                "num_documents": len(docs), "corpus_tokens": corpus_tokens,
-                "dropped_tokens": dropped, "inputs": corpus.inputs,
+                "num_documents": len(docs), **extra, "inputs": corpus.inputs,
                 "special_tokens": {"cls": cls_id, "sep": sep_id,
                                    "pad": tokenizer.pad_token_id, "mask": tokenizer.mask_token_id}}
         return writer.close(source=corpus.name, license=corpus.license, meta=meta, modality="text")
@@ -205,7 +290,7 @@ def write_split(out_dir: Path, split: str, docs: list[Document], tokenizer, corp
 def prepare_text(name: str, out_dir: str | os.PathLike, *, inputs: Sequence[str] | None = None,
                  vocab_size: int = 8192, tokenizer: str | None = None, seq_len: int = 128,
                  val_fraction: float = 0.05, samples_per_shard: int | None = None, seed: int = 0,
-                 limit: int | None = None) -> dict[str, Any]:
+                 limit: int | None = None, labels: str | None = None) -> dict[str, Any]:
     """Write text source ``name`` (``text`` or ``pydoc-topics``) as ``out_dir/train`` and
     ``out_dir/val`` token-block shards (see the module docstring); ``val`` is skipped when
     ``val_fraction`` is 0. The tokenizer is trained on the train documents only, unless
@@ -219,13 +304,16 @@ def prepare_text(name: str, out_dir: str | os.PathLike, *, inputs: Sequence[str]
     start = time.perf_counter()
     if samples_per_shard is not None and samples_per_shard <= 0:
         raise ValueError(f"--samples-per-shard must be > 0, got {samples_per_shard}")
+    if labels is not None and labels not in LABEL_KINDS:
+        raise ValueError(f"--labels {labels}: unknown; valid: {', '.join(LABEL_KINDS)}")
     corpus = open_text_source(name, inputs)
     documents = corpus.documents[:limit] if limit else corpus.documents
+    classes = section_classes(documents) if labels else None
     train_docs, val_docs = split_documents(documents, val_fraction, seed)
     tok = open_tokenizer(tokenizer) if tokenizer else train_wordpiece([d.text for d in train_docs], vocab_size)
     splits = {"train": train_docs, "val": val_docs} if val_docs else {"train": train_docs}
     manifests = {split: write_split(Path(out_dir) / split, split, docs, tok, corpus, seq_len=seq_len,
-                                    samples_per_shard=samples_per_shard, seed=seed)
+                                    samples_per_shard=samples_per_shard, seed=seed, classes=classes)
                  for split, docs in splits.items()}
     per_split = {split: {"out": m.root, "documents": m.meta["num_documents"], "samples": m.num_samples,
                          "shards": len(m.shards), "tokens": m.meta["num_tokens"]}
@@ -235,6 +323,7 @@ def prepare_text(name: str, out_dir: str | os.PathLike, *, inputs: Sequence[str]
             "num_samples": sum(m.num_samples for m in manifests.values()),
             "num_tokens": sum(m.meta["num_tokens"] for m in manifests.values()),
             "vocab_size": len(tok), "seq_len": seq_len, "duplicates_dropped": corpus.duplicates,
+            **({"classes": classes} if classes else {}),
             **per_split, "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -284,3 +373,29 @@ def load_tokenizer(manifest: Manifest):
         raise ValueError(f"{where}: vocab_size {expected} but the tokenizer in {folder} has "
                          f"{len(tokenizer)} tokens")
     return tokenizer
+
+
+class LabeledTextDecoder:
+    """A labeled text sample (``--labels``) -> ``{"input_ids": (L,) int64, "attention_mask": (L,)
+    int64 (0 at [PAD]), "labels": int (-1 = none), "sample_seeds": int}``. Errors as
+    ``decode_token_block`` and ``stream.read_label`` (``ValueError`` naming sample and shard)."""
+
+    def __init__(self, seq_len: int, pad_id: int, label_key: str = LABEL_MEMBER):
+        self.seq_len, self.pad_id, self.label_key = seq_len, pad_id, label_key
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> "LabeledTextDecoder":
+        """``ValueError`` naming the manifest when it holds no labeled text (``meta.classes``)."""
+        meta = manifest.meta or {}
+        if manifest.modality != "text" or not meta.get("classes"):
+            raise ValueError(f"{manifest.root}/manifest.json: no labeled text (meta.classes); prepare "
+                             "it with `sslscale data prepare text --labels section`")
+        return cls(int(meta["seq_len"]), int(meta["special_tokens"]["pad"]),
+                   (manifest.keys or {}).get("label") or LABEL_MEMBER)
+
+    def __call__(self, sample: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+        from sslscale.data.stream import read_label
+
+        ids = decode_token_block(sample, self.seq_len)
+        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(),
+                "labels": read_label(sample, self.label_key), "sample_seeds": seed}

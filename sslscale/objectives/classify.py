@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a pretrained image encoder (``objective.name: classify``).
+"""Supervised fine-tuning of a pretrained image or text encoder (``objective.name: classify``).
 
 The fine-tuning recipe of MAE (He et al. 2022, arXiv 2111.06377, appendix A.3) and BEiT (Bao et
 al. 2021, arXiv 2106.08254): the pretrained ViT encoder (``train.init_from``: any image
@@ -12,7 +12,13 @@ flip, warmup + cosine, and layer-wise learning-rate decay (``optim.layer_decay``
 from-scratch baseline of the same architecture and budget. Not applied: drop path (transformers'
 ViT has no stochastic depth), RandAugment, mixup / cutmix.
 
-The batch: ``pixel_values`` uint8 ``(B, C, H, W)``, ``labels`` ``(B,)`` int64 in ``[0,
+Text (the training shards' manifest has ``modality: text``, from ``sslscale data prepare text
+--labels``): the encoder is a ``BertModel`` (BERT's fine-tuning, Devlin et al. 2019, section 4:
+the ``[CLS]`` token's last hidden state, ``objective.pooling: cls``, or the mean over attended
+tokens), loaded from an MLM run's ``model.bert.*``; no augmentation.
+
+The batch: ``pixel_values`` uint8 ``(B, C, H, W)`` (images) or ``input_ids`` ``(B, L)`` int64 +
+``attention_mask`` ``(B, L)`` (text, 0 at padding), ``labels`` ``(B,)`` int64 in ``[0,
 objective.num_classes)`` (``-1``: no label, ignored), ``sample_seeds`` ``(B,)`` (optional).
 """
 
@@ -22,9 +28,9 @@ import re
 
 import torch
 from torch import nn
-from transformers import ViTModel
+from transformers import BertModel, ViTModel
 
-from sslscale.data.augment import ViewAugment, ViewConfig, random_seeds
+from sslscale.data.augment import ViewAugment, ViewConfig
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
 from sslscale.registry import OBJECTIVES
@@ -32,24 +38,42 @@ from sslscale.registry import OBJECTIVES
 # An encoder block's parameters: ``backbone.layers.N.`` (transformers 5) or
 # ``backbone.encoder.layer.N.`` (transformers 4).
 _BLOCK = re.compile(r"backbone\.(?:encoder\.layer|layers)\.(\d+)\.")
-# Where each pretraining objective keeps its ViT encoder in its state dict.
-ENCODER_PREFIXES = {"model.vit.": "mae", "backbone.": "simclr / moco_v3 / simsiam / classify"}
+# Where each pretraining objective keeps its encoder in its state dict, by modality.
+ENCODER_PREFIXES = {"image": {"model.vit.": "mae", "backbone.": "simclr / moco_v3 / simsiam / classify"},
+                    "text": {"model.bert.": "mlm", "backbone.": "classify"}}
+
+
+def train_modality(cfg) -> str:
+    """``text`` or ``image``: the modality of ``data.train_shards`` (its manifest; ``image``
+    when unset, as in a model built without data)."""
+    from sslscale.data.shards import load_manifest_for
+
+    if not cfg.data.train_shards:
+        return "image"
+    return load_manifest_for("data.train_shards", cfg.data.train_shards).modality
 
 
 class ClassifyObjective(nn.Module):
-    """A ViT encoder + linear head; ``forward`` returns the label-smoothed cross-entropy (scalar)
-    and ``top1`` (fraction of the micro-batch classified right) as a metric. ``logits(batch)``:
-    ``(B, num_classes)`` of un-augmented images; ``features(batch)``: the pooled representation
-    ``(B, hidden_size)`` (kNN). ``layer_id(name)`` numbers parameters for layer-wise lr decay."""
+    """A ViT (``modality="image"``) or BERT (``"text"``) encoder + linear head; ``forward``
+    returns the label-smoothed cross-entropy (scalar) and ``top1`` (fraction of the micro-batch
+    classified right) as a metric. ``logits(batch)``: ``(B, num_classes)`` of un-augmented
+    inputs; ``features(batch)``: the pooled representation ``(B, hidden_size)`` (kNN, probes).
+    ``layer_id(name)`` numbers parameters for layer-wise lr decay."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, modality: str = "image"):
         super().__init__()
         if cfg.objective.num_classes < 2:
             from sslscale.config import ConfigError
             raise ConfigError("key 'objective.num_classes' must be >= 2 for classify (0 takes it "
                               "from the training shards' manifest, meta.classes)")
         hidden = cfg.model.hidden_size
-        self.backbone = ViTModel(vit_config(cfg), add_pooling_layer=False)
+        self.modality = modality
+        if modality == "text":
+            from sslscale.objectives.mlm import bert_config
+
+            self.backbone = BertModel(bert_config(cfg), add_pooling_layer=False)
+        else:
+            self.backbone = ViTModel(vit_config(cfg), add_pooling_layer=False)
         self.pooling = cfg.objective.pooling
         self.fc_norm = nn.LayerNorm(hidden, eps=1e-6) if self.pooling == "mean" else nn.Identity()
         self.head = nn.Linear(hidden, cfg.objective.num_classes)
@@ -61,18 +85,25 @@ class ClassifyObjective(nn.Module):
         self.label_smoothing = cfg.objective.label_smoothing
         self.num_layers = cfg.model.num_hidden_layers
 
-    def _dtype(self) -> torch.dtype:
-        return self.backbone.embeddings.patch_embeddings.projection.weight.dtype
-
-    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(pixel_values=x.to(self._dtype())).last_hidden_state
+    def _pooled(self, batch: dict[str, torch.Tensor], augment: bool = False) -> torch.Tensor:
+        """The pooled representation ``(B, hidden_size)`` of a batch (images augmented when
+        ``augment``, with the batch's ``sample_seeds``)."""
+        if self.modality == "text":
+            mask = batch.get("attention_mask")
+            hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+            if self.pooling == "cls":
+                return hidden[:, 0]
+            weight = torch.ones_like(batch["input_ids"]) if mask is None else mask
+            weight = weight.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+        x = self.transform(batch["pixel_values"], batch.get("sample_seeds"), augment=augment)
+        dtype = self.backbone.embeddings.patch_embeddings.projection.weight.dtype
+        hidden = self.backbone(pixel_values=x.to(dtype)).last_hidden_state
         return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        images, labels = batch["pixel_values"], batch["labels"]
-        seeds = batch.get("sample_seeds")
-        seeds = random_seeds(len(images), images.device) if seeds is None else seeds
-        logits = self.head(self.fc_norm(self._pooled(self.transform(images, seeds, augment=self.training))))
+        labels = batch["labels"]
+        logits = self.head(self.fc_norm(self._pooled(batch, augment=self.training)))
         loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=-1,
                                            label_smoothing=self.label_smoothing)
         labeled = (labels >= 0).sum().clamp(min=1)
@@ -81,11 +112,10 @@ class ClassifyObjective(nn.Module):
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self.transform(batch["pixel_values"], augment=False)
-        return self.head(self.fc_norm(self._pooled(x))).float()
+        return self.head(self.fc_norm(self._pooled(batch))).float()
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._pooled(self.transform(batch["pixel_values"], augment=False)).float()
+        return self._pooled(batch).float()
 
     def encoder(self) -> nn.Module:
         return self.backbone
@@ -99,17 +129,19 @@ class ClassifyObjective(nn.Module):
         return int(block.group(1)) + 1 if block else self.num_layers + 1
 
     def load_pretrained(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load the ViT encoder of a pretraining objective's ``state`` (MAE's ``model.vit.*``, the
-        contrastive objectives' ``backbone.*``); heads, decoders and momentum encoders are left
-        out, and this head stays new. Raises ``ValueError`` naming ``source`` when ``state`` has
-        no encoder, or one whose weights do not fit this architecture."""
-        for prefix in ENCODER_PREFIXES:
+        """Load the encoder of a pretraining objective's ``state`` (images: MAE's
+        ``model.vit.*``, the contrastive objectives' ``backbone.*``; text: MLM's
+        ``model.bert.*``); heads, decoders and momentum encoders are left out, and this head
+        stays new. Raises ``ValueError`` naming ``source`` when ``state`` has no encoder of this
+        modality, or one whose weights do not fit this architecture."""
+        prefixes = ENCODER_PREFIXES[self.modality]
+        for prefix in prefixes:
             encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if encoder:
                 break
         else:
-            raise ValueError(f"{source}: no ViT encoder weights (keys starting with "
-                             f"{' or '.join(ENCODER_PREFIXES)}); is it an image pretraining run?")
+            raise ValueError(f"{source}: no {self.modality} encoder weights (keys starting with "
+                             f"{' or '.join(prefixes)}); is it a {self.modality} pretraining run?")
         own = self.backbone.state_dict()
         wrong = [k for k, v in encoder.items() if k in own and own[k].shape != v.shape]
         missing = [k for k in own if k not in encoder]
@@ -121,4 +153,4 @@ class ClassifyObjective(nn.Module):
 
 @OBJECTIVES.register("classify")
 def build_classify(cfg) -> ClassifyObjective:
-    return ClassifyObjective(cfg)
+    return ClassifyObjective(cfg, train_modality(cfg))

@@ -1,6 +1,7 @@
-"""Fine-tuning on real labeled shards: a pretraining run's encoder fine-tuned with the
-``classify`` objective beside a from-scratch run of the same recipe (``sslscale.finetune``), and
-the errors a user meets first (shards without classes)."""
+"""Fine-tuning on real labeled shards: a pretraining run's encoder (MAE on images, MLM on text)
+fine-tuned with the ``classify`` objective beside a from-scratch run of the same recipe
+(``sslscale.finetune``), linear probes and kNN of it, and the errors a user meets first (shards
+without classes, shards of the other modality)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 
 import pytest
 
-from ..conftest import DEMO_RECIPE, ROOT, sslscale_cmd, tiny_overrides
+from ..conftest import DEMO_RECIPE, MLM_RECIPE, ROOT, sslscale_cmd, tiny_overrides, tiny_text_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +87,32 @@ def test_shards_without_classes_are_refused_before_training(real_shards, tmp_pat
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "objective.num_classes" in done.stderr and "meta.classes" in done.stderr
+
+
+def test_mlm_encoder_is_fine_tuned_probed_and_scored_on_labeled_text(labeled_text_shards, real_shards, tmp_path):
+    s = labeled_text_shards
+    run_dir = tmp_path / "mlm"
+
+    def sslscale(*args: str) -> dict:
+        done = subprocess.run(sslscale_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1]) if args[0] == "eval" else {}
+
+    sslscale("train", str(MLM_RECIPE), *tiny_text_overrides(s, run_dir, "train.max_steps=4", "eval.test_shards=null"))
+    shards = ("--train-shards", str(s["labeled_train"]), "--test-shards", str(s["labeled_val"]))
+    tuned = sslscale("eval", "finetune", str(run_dir), *shards, "--steps", "4", "--set", "data.num_workers=1")
+    assert 0 <= tuned["finetune_top1"] <= 1 and 0 <= tuned["scratch_top1"] <= 1 and tuned["num_test"] == 128
+    cfg = (run_dir / "finetune" / "config.yaml").read_text()
+    assert "name: classify" in cfg and "num_classes: 3" in cfg and "pooling: cls" in cfg and "layer_decay: 0.8" in cfg
+    probe = sslscale("eval", "linear", str(run_dir), *shards, "--baseline", "--epochs", "3",
+                     "--max-train-samples", "256", "--max-test-samples", "64")
+    assert probe["num_train"] == 256 and 0 <= probe["linear_top1"] <= 1 and "random_init_linear_top1" in probe
+    knn = sslscale("eval", "knn", str(run_dir), *shards, "--max-train-samples", "256", "--max-test-samples", "64")
+    assert 0 <= knn["knn_top1"] <= 1
+    # image shards for a text encoder, unlabeled text: refused before anything runs, naming them
+    for test_shards, error in ((real_shards["test"], "eval.test_shards"), (s["val"], "no labeled text")):
+        done = subprocess.run(sslscale_cmd("eval", "linear", str(run_dir), "--train-shards", str(s["labeled_train"]),
+                                           "--test-shards", str(test_shards)), cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and error in done.stderr and str(test_shards) in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

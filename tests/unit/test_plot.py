@@ -48,3 +48,42 @@ def test_a_run_without_tokens_or_eval_gets_only_its_panels(tmp_path):
     panels = panels_for(read_metrics(tmp_path))
     assert [p.title for p in panels] == ["training loss", "learning rate", "samples/s", "MFU", "eval perplexity"]
     assert not panels[-1].log
+
+
+def _finetune_run(folder, top1, init_from=None):
+    folder.mkdir()
+    if init_from is not None:
+        (folder / "config.yaml").write_text(f"train:\n  init_from: {init_from}\n")
+    _write(folder, [{"step": s, "train/loss": 2.0 / s, "train/top1": 0.1 * s, "train/lr": 1e-3}
+                    for s in range(1, 6)]
+           + [{"step": 5, "eval/top1": top1, "eval/num_test": 300, "eval/majority_top1": 0.1}])
+
+
+def test_finetuning_runs_get_their_own_figure_beside_the_plot(tmp_path, capsys):
+    from launcher.cli import main
+    from sslscale.plot import finetune_png, finetune_runs, plot_finetune
+
+    _write(tmp_path, [{"step": s, "train/loss": 1.0 / s} for s in range(1, 4)])
+    out = tmp_path / "plots" / "loss.png"
+    assert finetune_png(out) == tmp_path / "plots" / "loss-finetune.png"
+    assert plot_finetune(tmp_path, finetune_png(out)) == [] and not finetune_png(out).exists()
+    assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
+    assert "finetune_out" not in json.loads(capsys.readouterr().out)  # no fine-tuning runs
+    assert not finetune_png(out).exists() and out.is_file()
+
+    _finetune_run(tmp_path / "finetune-scratch", 0.6)
+    _finetune_run(tmp_path / "finetune", 0.9, init_from=tmp_path / "checkpoints" / "step-00000300")
+    runs = finetune_runs(tmp_path)
+    assert [r.label for r in runs] == ["fine-tuned from step 300", "from scratch"]
+    assert runs[1].series["eval/top1"] == [(5, 0.6)]
+    assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["finetune_out"] == str(finetune_png(out))
+    assert printed["finetune_runs"] == ["fine-tuned from step 300", "from scratch"]
+    png = finetune_png(out).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    (tmp_path / "finetune" / "config.yaml").unlink()  # only the scratch run has eval points yet
+    _write(tmp_path / "finetune", [{"step": 1, "train/loss": 2.0}])
+    assert plot_finetune(tmp_path, tmp_path / "ft.png") == ["fine-tuned", "from scratch"]
+    assert (tmp_path / "ft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
