@@ -355,7 +355,7 @@ def _add_hub_commands(sub) -> None:
     push.add_argument("--revision", help="branch to push to (created if missing; default main)")
     push.set_defaults(func=_push)
     plot = sub.add_parser("plot", help="PNG of loss, lr, throughput and eval from metrics.jsonl "
-                          "(and, after `eval finetune`, <OUT>-finetune.png of both fine-tuning runs)")
+                          "(and, after eval finetune, <OUT>-finetune.png of both fine-tuning runs)")
     plot.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
     plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
     plot.set_defaults(func=_plot)

@@ -119,7 +119,11 @@ def finetune_run(run_dir: str, *, train_shards: str, test_shards: str, steps: in
         result[f"{kind}_top1"] = scored["top1"]
         result["num_test"] = scored["num_test"]
         result[f"{kind}_run_dir"] = str(out)
-    eval_dir = Path(run_dir) / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / f"finetune-{tag_for(result['step'])}.json").write_text(json.dumps(result) + "\n")
+    saved = Path(run_dir) / "eval" / f"finetune-{tag_for(result['step'])}.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    if from_scratch_only and saved.is_file():  # keep the fine-tuned result of an earlier call
+        earlier = json.loads(saved.read_text())
+        if earlier.get("steps") == steps and earlier.get("test_shards") == test_shards:
+            result = {**earlier, **result}
+    saved.write_text(json.dumps(result) + "\n")
     return result

@@ -230,13 +230,9 @@ def _paragraph_blocks(tokenizer, docs: list[Document], classes: list[str], seq_l
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{where}: the tokenizer has no [PAD] token to pad paragraphs with")
     index = {c: i for i, c in enumerate(classes)}
-    texts, labels, kept = [], [], []
-    for doc in docs:
-        if document_section(doc.key) in index:
-            kept.append(doc)
-            for p in paragraphs(doc.text):
-                texts.append(p)
-                labels.append(index[document_section(doc.key)])
+    kept = [doc for doc in docs if document_section(doc.key) in index]
+    pairs = [(p, index[document_section(doc.key)]) for doc in kept for p in paragraphs(doc.text)]
+    texts, labels = [p for p, _ in pairs], [label for _, label in pairs]
     if not texts:
         raise ValueError(f"{where}: no paragraph of >= {MIN_PARAGRAPH_WORDS} words in a labeled "
                          f"section ({', '.join(classes)}); use another --val-fraction or --seed")

@@ -167,14 +167,25 @@ def test_data_prepare_image_folder_needs_input(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("recipe, wrong, right", [(MLM_RECIPE, "knn", "mlm"), (DEMO_RECIPE, "mlm", "knn")])
-def test_eval_of_the_wrong_kind_of_run_names_the_right_command(tmp_path, recipe, wrong, right):
+def _eval_error(tmp_path, recipe, *command):
+    """The one-line error of ``sslscale eval COMMAND`` on a run with a config and no checkpoint."""
     from sslscale.config import load_config, save_config
 
     run_dir = tmp_path / "run"
     save_config(load_config(recipe, [f"run_dir={run_dir}"]), run_dir / "config.yaml")
-    proc = run("eval", wrong, str(run_dir))
+    proc = run("eval", *command, str(run_dir))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert lines[0].endswith(f"use `sslscale eval {right} {run_dir}`")
+    return run_dir, lines[0]
+
+
+def test_eval_mlm_of_an_image_run_names_the_right_commands(tmp_path):
+    run_dir, line = _eval_error(tmp_path, DEMO_RECIPE, "mlm")
+    assert line.endswith(f"use `sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
+
+
+def test_eval_knn_of_an_mlm_run_without_checkpoint_says_so(tmp_path):
+    # kNN of an MLM encoder is valid (on labeled text); this run has no checkpoint yet
+    run_dir, line = _eval_error(tmp_path, MLM_RECIPE, "knn")
+    assert line == f"error: {run_dir}: no complete checkpoint"

@@ -53,17 +53,16 @@ def test_draft_scale_keeps_the_crop_at_least_the_output_size():
 @pytest.mark.parametrize("box", ["center", "random"])
 @pytest.mark.parametrize("channels", [3, 1])
 def test_draft_decode_is_close_to_a_full_decode(big_jpeg, box, channels, monkeypatch):
-    from PIL import JpegImagePlugin
+    import simplejpeg
 
-    drafted, original = [], JpegImagePlugin.JpegImageFile.draft
+    drafted, original = [], simplejpeg.decode_jpeg
 
-    def spy(self, mode, size):
-        full = self.size
-        out = original(self, mode, size)
-        drafted.append((full, self.size))
+    def spy(data, *args, **kwargs):
+        out = original(data, *args, **kwargs)
+        drafted.append((simplejpeg.decode_jpeg_header(data)[1::-1], out.shape[1::-1]))
         return out
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
     fn = center_box if box == "center" else random_resized_box(sample_seed(0, 1, 5), (0.5, 1.0))
     out = decode_crop(big_jpeg, 224, channels, fn)
     assert out.shape == (channels, 224, 224) and out.dtype == torch.uint8
@@ -72,6 +71,21 @@ def test_draft_decode_is_close_to_a_full_decode(big_jpeg, box, channels, monkeyp
     ref = reference(big_jpeg, fn, 224, "L" if channels == 1 else "RGB")
     diff = np.abs(out.numpy().astype(np.int16) - ref.astype(np.int16))
     assert diff.mean() < 3.0, diff.mean()
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_simplejpeg_gives_the_pixels_of_pil_at_every_scale(big_jpeg, channels):
+    """The JPEG path (simplejpeg) and PIL's (draft + convert + crop) give the same array."""
+    for size, seed in ((224, 0), (224, 3), (96, 5), (600, 7)):  # scales 1/8 .. 1 of the photo
+        box = random_resized_box(seed, (0.05, 1.0))
+        fast = decode._decode_jpeg(big_jpeg, size, channels, box)
+        slow = decode._decode_pil(big_jpeg, size, channels, box)
+        np.testing.assert_array_equal(fast, slow[..., None] if slow.ndim == 2 else slow)
+    cmyk = encoded(photo(2, (300, 200)).convert("CMYK"))  # PIL's CMYK conversion, not libjpeg's
+    assert decode._decode_jpeg(cmyk, 96, 3, center_box) is None
+    assert decode_crop(cmyk, 96, 3).shape == (3, 96, 96)
+    with pytest.raises(Image.UnidentifiedImageError):  # a broken JPEG: PIL's error
+        decode_crop(b"\xff\xd8\xff" + bytes(100), 96, 3)
 
 
 def test_png_and_small_jpegs_decode_at_full_scale_close_to_pil():
