@@ -11,6 +11,9 @@ papers' compute actually runs (not "6 x parameters x tokens", which is wrong for
 - Two-view objectives (SimCLR arXiv 2002.05709, MoCo v3 arXiv 2104.02057, SimSiam arXiv
   2011.10566): both views through encoder and heads, MoCo's momentum encoder + projector forward
   only, and the contrastive logits against all gathered columns.
+- RotNet (arXiv 1803.07728): ``rotations_per_image`` rotated copies through encoder and head.
+- Autoencoders (DAE, VAE): the encoder on all tokens, the decoder (its input embedding, the
+  transformer and the pixel projection) on all patches; the VAE's posterior layer.
 
 Conventions (those of the PaLM paper's MFU, arXiv 2204.02311, appendix B): only matrix
 multiplications count (2 FLOPs per multiply-add), attention included (``4 T^2 h`` per layer);
@@ -109,6 +112,33 @@ def mlm_flops_per_sample(cfg, *, seq_len: int, vocab_size: int,
     return TRAIN * (encoder + head)
 
 
+def _vit_flops(m) -> float:
+    """Training FLOPs of the patch embedding + ViT encoder on all ``N + 1`` tokens."""
+    n, patch_dim = _patches(m)
+    encoder = transformer_flops(n + 1, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
+    return PATCH_TRAIN * linear_flops(n, patch_dim, m.hidden_size) + TRAIN * encoder
+
+
+def rotnet_flops_per_sample(cfg) -> float:
+    """Training FLOPs per image of RotNet: each of its ``rotations_per_image`` copies through
+    the ViT and the 4-way head."""
+    head = linear_flops(1, cfg.model.hidden_size, 4)
+    return cfg.objective.rotations_per_image * (_vit_flops(cfg.model) + TRAIN * head)
+
+
+def autoencoder_flops_per_sample(cfg) -> float:
+    """Training FLOPs per image of ``dae`` / ``vae``: the ViT, then the patch decoder on ``N``
+    tokens (embedding from the encoder width or the latent, transformer, pixel projection)."""
+    m = cfg.model
+    n, patch_dim = _patches(m)
+    d = m.decoder_hidden_size
+    decoder_in = cfg.objective.latent_dim if cfg.objective.name == "vae" else m.hidden_size
+    decoder = (linear_flops(n, decoder_in, d) + linear_flops(n, d, patch_dim)
+               + transformer_flops(n, d, m.decoder_intermediate_size, m.decoder_num_hidden_layers))
+    posterior = linear_flops(1, m.hidden_size, 2 * cfg.objective.latent_dim) if cfg.objective.name == "vae" else 0.0
+    return _vit_flops(m) + TRAIN * (decoder + posterior)
+
+
 def _mlp_flops(dims: list[int]) -> float:
     return sum(linear_flops(1, a, b) for a, b in zip(dims, dims[1:]))
 
@@ -154,8 +184,12 @@ def flops_per_sample(cfg, **data) -> float:
         return two_view_flops_per_sample(cfg, **data)
     if name == "classify":
         return classify_flops_per_sample(cfg)
+    if name == "rotnet":
+        return rotnet_flops_per_sample(cfg)
+    if name in ("dae", "vae"):
+        return autoencoder_flops_per_sample(cfg)
     raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
-                     "(known: mae, mlm, simclr, moco_v3, simsiam, classify)")
+                     "(known: mae, mlm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae)")
 
 
 def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,

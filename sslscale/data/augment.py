@@ -34,6 +34,7 @@ _M63 = (1 << 63) - 1
 
 # Purpose tags: every random draw of a sample uses its own tag (view v adds 32 * v).
 CROP, FLIP, JITTER, GRAY, BLUR, SOLARIZE, MASK = 1, 2, 3, 4, 5, 6, 7
+ROTATE, NOISE, LATENT = 8, 9, 10  # RotNet's rotations, the DAE's corruption, the VAE's epsilon
 
 
 def _splitmix64(x: int) -> int:
@@ -66,6 +67,14 @@ def uniform(seeds: torch.Tensor, n: int, tag: int) -> torch.Tensor:
     lo, hi = (seeds & _M32)[:, None], ((seeds >> 32) & _M32)[:, None]
     h = _mix32(_mix32(_mix32(counter[None, :] ^ 0x5BD1E995) ^ hi) ^ lo)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def normal(seeds: torch.Tensor, n: int, tag: int) -> torch.Tensor:
+    """``(B, n)`` float32 standard normals for ``seeds`` ``(B,)`` int64 (Box-Muller on two
+    :func:`uniform` draws of ``tag``): a pure function of (seed, tag, column)."""
+    u = uniform(seeds, 2 * n, tag)
+    radius = torch.sqrt(-2.0 * torch.log1p(-u[:, :n]))  # 1 - u in (0, 1]: finite
+    return radius * torch.cos(2 * math.pi * u[:, n:])
 
 
 def random_seeds(batch_size: int, device=None) -> torch.Tensor:
