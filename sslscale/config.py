@@ -1,16 +1,19 @@
 """The run configuration: a dataclass schema merged as defaults < YAML recipe < dotted overrides.
 
-Owns the schema (every key a user may set, with its default), loading and merging through
-OmegaConf's structured configs, the checks that name the offending key and its source (a
-misspelled key names the closest valid one), the warnings for valid values that are probably a
-mistake (``warnings_for``), and writing the resolved config to ``RUN_DIR/config.yaml``. Nothing
-here imports torch.
+Owns the common sections of the schema (every key a user may set, with its default; the
+``objective`` and ``model`` sections have one dataclass per objective and model family, in
+``sslscale.config_schema``), loading and merging through OmegaConf's structured configs, the
+checks that name the offending key and its source (a misspelled key names the closest valid one,
+another objective's key its owner), the warnings for valid values that are probably a mistake
+(``warnings_for``), ``sslscale config show``'s YAML and writing the resolved config to
+``RUN_DIR/config.yaml``. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from sslscale.config_schema import (MODEL_SCHEMAS, OBJECTIVE_SCHEMAS, SCHEMAS, ConfigError,
                                     MAEConfig, ModelBase, ObjectiveBase, ViTModelConfig,
-                                    select_schemas)
+                                    select_schemas, validate_objective)
 
 
 @dataclass
@@ -183,7 +186,6 @@ _COMPARE = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b}  # False for NaN
 _ABSENT = object()  # OmegaConf.select's answer for a key the chosen schema does not have
 
 
-
 def schema_keys(cfg: DictConfig | None = None) -> list[str]:
     """Every dotted key of ``cfg``'s schema (default: ``Config``, i.e. objective ``mae`` on
     model ``vit``): ``train.max_steps``, ``deepspeed.extra``, ...; the leaves, a dict- or
@@ -259,8 +261,9 @@ def _overridden(key: str, overridden: Collection[str]) -> bool:
                for o in overridden)
 
 
-def _plain(node: DictConfig | ListConfig) -> Any:
-    return OmegaConf.to_container(node, resolve=False)
+def _plain(node: Any, resolve: bool = False) -> Any:
+    """A plain ``dict`` / ``list`` of a config node (other values as they are)."""
+    return OmegaConf.to_container(node, resolve=resolve) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -305,10 +308,6 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
     return cfg
 
 
-def _absent(cfg: DictConfig, key: str) -> bool:
-    return OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT
-
-
 def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str] = ()) -> None:
     """Check values that the schema's types cannot; raise ``ConfigError`` naming the key, its
     value and where it came from: ``command line`` for a key in ``overridden`` (dotted keys set
@@ -332,8 +331,8 @@ def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str
     if not cfg.optim.layer_decay <= 1.0:
         raise ConfigError(f"{where('optim.layer_decay')}: key 'optim.layer_decay' must be in (0, 1] "
                           f"(1: no decay), got {cfg.optim.layer_decay}")
-    _validate_objective(cfg, where)
-    if _absent(cfg, "model.image_size"):
+    validate_objective(cfg, where)
+    if "image_size" not in cfg.model:
         return  # not a ViT: no patches, no pixel statistics
     if cfg.model.image_size % cfg.model.patch_size:
         raise ConfigError(f"{where('model.image_size', 'model.patch_size')}: key 'model.image_size' = "
@@ -344,38 +343,6 @@ def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str
         raise ConfigError(f"{where('data.mean', 'data.std', 'model.num_channels')}: keys "
                           f"'data.mean'/'data.std' need model.num_channels={channels} values, got "
                           f"{list(cfg.data.mean)} / {list(cfg.data.std)}")
-
-
-# key -> (low, high, whether high is allowed) for the objectives' fractions and probabilities
-_RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing": (0.0, 1.0, False),
-           "objective.momentum": (0.0, 1.0, True)}
-_PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
-                  "objective.random_replace_prob", "objective.color_jitter_prob",
-                  "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")
-                                                 for i in (0, 1)]
-
-
-def _validate_objective(cfg: DictConfig, where) -> None:
-    """The ``objective`` section's ranges, for the keys the chosen objective has (``where(*keys)``
-    names the source of ``keys``)."""
-    o = cfg.objective
-    for key, (low, high, closed) in _RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not (low <= value <= high if closed else low <= value < high):
-            raise ConfigError(f"{where(key)}: key '{key}' must be in [{low:g}, {high:g}{']' if closed else ')'}"
-                              f", got {value}")
-    if "blur_prob" in o and (len(o.blur_prob) != 2 or len(o.solarize_prob) != 2):
-        raise ConfigError(f"{where('objective.blur_prob', 'objective.solarize_prob')}: keys "
-                          "'objective.blur_prob'/'objective.solarize_prob' need one value per view "
-                          f"(2), got {list(o.blur_prob)} / {list(o.solarize_prob)}")
-    for key in _PROBABILITIES:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where(key)}: key '{key}' must be a probability in [0, 1], got {value}")
-    if "mask_replace_prob" in o and o.mask_replace_prob + o.random_replace_prob > 1.0:
-        raise ConfigError(f"{where('objective.mask_replace_prob', 'objective.random_replace_prob')}: "
-                          "keys 'objective.mask_replace_prob' + 'objective.random_replace_prob' must "
-                          f"be <= 1, got {o.mask_replace_prob} + {o.random_replace_prob}")
 
 
 def warnings_for(cfg: DictConfig) -> list[str]:
@@ -407,6 +374,26 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
+
+
+def annotated_yaml(cfg: DictConfig) -> str:
+    """``cfg`` as YAML (resolved; ``sslscale config show``), every key of its sections listed,
+    a ``# default: X`` comment after each value that differs from its schema's default (the
+    chosen objective's and model family's for ``objective`` / ``model``)."""
+    base = OmegaConf.structured(Config)
+    base.objective = OmegaConf.structured(OBJECTIVE_SCHEMAS[cfg.objective.name])
+    base.model = OmegaConf.structured(MODEL_SCHEMAS[cfg.model.name])
+    lines, section = [], ""
+    for line in OmegaConf.to_yaml(cfg, resolve=True).splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if indent <= 2 and ":" in line and not line.lstrip().startswith("- "):
+            key = line.strip().split(":", 1)[0]
+            section, dotted = (key, key) if indent == 0 else (section, f"{section}.{key}")
+            value, default = (_plain(OmegaConf.select(c, dotted), resolve=True) for c in (cfg, base))
+            if (indent or not isinstance(value, dict)) and value != default and dotted != "run_dir":
+                line = f"{line}  # default: {json.dumps(default)}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import OmegaConf
+
 
 # ------------------------------------------------------------------------------------ objectives
 @dataclass
@@ -260,6 +262,38 @@ def select_schemas(recipe: dict, dotted: dict, source: str) -> tuple[str, str]:
     _drop_foreign(recipe, {"objective": objective, "model": model}, source, lenient)
     _drop_foreign(dotted, {"objective": objective, "model": model}, "command line", set())
     return objective, model
+
+
+# key -> (low, high, whether high is allowed) for the objectives' fractions and probabilities
+_RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing": (0.0, 1.0, False),
+           "objective.momentum": (0.0, 1.0, True)}
+_PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
+                  "objective.random_replace_prob", "objective.color_jitter_prob",
+                  "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")
+                                                 for i in (0, 1)]
+
+
+def validate_objective(cfg: DictConfig, where) -> None:
+    """Check the ``objective`` section's ranges, for the keys the chosen objective has; raise
+    ``ConfigError`` naming the key, its value and ``where(*keys)`` (the source of ``keys``)."""
+    o = cfg.objective
+    for key, (low, high, closed) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"{where(key)}: key '{key}' must be in [{low:g}, {high:g}{']' if closed else ')'}"
+                              f", got {value}")
+    if "blur_prob" in o and (len(o.blur_prob) != 2 or len(o.solarize_prob) != 2):
+        raise ConfigError(f"{where('objective.blur_prob', 'objective.solarize_prob')}: keys "
+                          "'objective.blur_prob'/'objective.solarize_prob' need one value per view "
+                          f"(2), got {list(o.blur_prob)} / {list(o.solarize_prob)}")
+    for key in _PROBABILITIES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where(key)}: key '{key}' must be a probability in [0, 1], got {value}")
+    if "mask_replace_prob" in o and o.mask_replace_prob + o.random_replace_prob > 1.0:
+        raise ConfigError(f"{where('objective.mask_replace_prob', 'objective.random_replace_prob')}: "
+                          "keys 'objective.mask_replace_prob' + 'objective.random_replace_prob' must "
+                          f"be <= 1, got {o.mask_replace_prob} + {o.random_replace_prob}")
 
 
 def image_input(cfg) -> dict[str, int | None]:
