@@ -242,7 +242,7 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
         key = _user_key(other, e.full_key)
         suggestion = _suggest(key, schema_keys(base))
         hint = (f"did you mean '{suggestion}'?" if suggestion else
-                "check the spelling; valid keys are listed in sslscale/config.py")
+                "check the spelling; sslscale config show RECIPE lists the valid keys")
         raise ConfigError(f"{source}: unknown key '{key}'; {hint}") from None
     except ValidationError as e:
         raise ConfigError(f"{source}: key '{e.full_key}': {e.msg}") from None

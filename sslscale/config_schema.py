@@ -227,7 +227,7 @@ def _name(section: str, recipe: dict, dotted: dict, source: str, default: str | 
     """``section.name`` from the overrides, else the recipe, else ``default``; ``ConfigError``
     naming where it came from when no schema has that name."""
     value = _section(dotted, section).get("name", _section(recipe, section).get("name", default))
-    if value is not None and value not in SCHEMAS[section]:
+    if value is not None and (not isinstance(value, str) or value not in SCHEMAS[section]):
         where = "command line" if "name" in _section(dotted, section) else source
         raise ConfigError(f"{where}: key '{section}.name' = {value!r}; expected one of "
                           f"{sorted(SCHEMAS[section])}")
