@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from transformers import BertModel, ViTModel
 
+from sslscale.config_schema import ClassifyConfig
 from sslscale.data.augment import ViewAugment, ViewConfig
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
-from sslscale.config_schema import ClassifyConfig
 from sslscale.registry import OBJECTIVES
 
 # An encoder block's parameters: ``backbone.layers.N.`` (transformers 5) or

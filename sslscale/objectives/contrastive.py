@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
+from sslscale.config_schema import MoCoV3Config, SimCLRConfig, SimSiamConfig
 from sslscale.data.augment import ViewAugment, ViewConfig, random_seeds
 from sslscale.dist import gathered
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.losses import mlp, moco_infonce, negative_cosine, nt_xent
-from sslscale.config_schema import MoCoV3Config, SimCLRConfig, SimSiamConfig
 from sslscale.registry import OBJECTIVES
 
 

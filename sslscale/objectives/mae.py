@@ -22,10 +22,10 @@ from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
+from sslscale.config_schema import MAEConfig
 from sslscale.data.augment import MASK, ViewAugment, ViewConfig, random_seeds, uniform
 from sslscale.dist import gathered
 from sslscale.objectives.base import ObjectiveOutput
-from sslscale.config_schema import MAEConfig
 from sslscale.registry import OBJECTIVES
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
+from sslscale.config_schema import MLMConfig
 from sslscale.data.masking import IGNORE_INDEX, masked_positions_of
 from sslscale.objectives.base import ObjectiveOutput
-from sslscale.config_schema import MLMConfig
 from sslscale.registry import OBJECTIVES
 
 
