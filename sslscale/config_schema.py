@@ -3,10 +3,12 @@
 ``objective.name`` selects one dataclass of ``OBJECTIVE_SCHEMAS`` (each objective's builder is
 registered with it: ``OBJECTIVES.register("mae", schema=MAEConfig)``) and ``model.name`` one of
 ``MODEL_SCHEMAS`` (``vit``, ``bert``), as solo-learn's per-method arguments and torchtitan's
-per-section job config do. A key of another objective or family is an error naming its owner
-(``sslscale.config``); ``owners`` answers who owns a key. The defaults equal those of the flat
-schema before 2026-12 (one ``ObjectiveConfig`` with every objective's keys), so a recipe resolves
-to the same values. Nothing here imports torch.
+per-section job config do. ``select_schemas`` picks both for a recipe and its overrides
+(inferring ``model.name`` when unset) and drops the keys of other objectives or families that
+are merely present; one set to a value of its own is a ``ConfigError`` naming its owner
+(``owners``). ``validate_objective`` checks the objectives' ranges. The defaults equal those of
+the flat schema before 2026-12 (one ``ObjectiveConfig`` with every objective's keys), so a recipe
+resolves to the same values. Nothing here imports torch.
 """
 
 from __future__ import annotations
