@@ -49,11 +49,19 @@ from sslscale.objectives import build_objective  # noqa: E402
 RECIPES = {"mae": "configs/mae_vit_base_16.yaml", "mlm": "configs/mlm_bert_base.yaml",
            "simclr": "configs/simclr_vit_base_16.yaml"}
 SEQ_LEN, MLM_P = 128, 0.15
-TINY = ["model.image_size=32", "model.patch_size=8", "model.hidden_size=64",
-        "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.intermediate_size=128",
-        "model.decoder_hidden_size=32", "model.decoder_num_hidden_layers=1",
-        "model.decoder_num_attention_heads=2", "model.decoder_intermediate_size=64",
-        "model.vocab_size=512", "objective.projection_hidden_dim=64", "objective.projection_dim=32"]
+# --tiny overrides: every model's, then per family (vit, bert) and objective (the keys each has)
+TINY = {"all": ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+                "model.intermediate_size=128"],
+        "vit": ["model.image_size=32", "model.patch_size=8", "model.decoder_hidden_size=32",
+                "model.decoder_num_hidden_layers=1", "model.decoder_num_attention_heads=2",
+                "model.decoder_intermediate_size=64"],
+        "bert": ["model.vocab_size=512"],
+        "simclr": ["objective.projection_hidden_dim=64", "objective.projection_dim=32"]}
+
+
+def tiny_overrides(name: str) -> list[str]:
+    """The --tiny overrides of objective ``name`` (only keys its objective and model have)."""
+    return TINY["all"] + TINY["bert" if name == "mlm" else "vit"] + TINY.get(name, [])
 
 
 def synthetic_batch(name: str, cfg, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -247,7 +255,7 @@ def workload_config(name: str, args, device, run_dir: Path):
                  f"run_dir={run_dir}"]
     if device.type != "cuda":
         overrides.append("train.precision=auto")  # fp32 on CPU (bf16 is emulated there)
-    return load_config(ROOT / RECIPES[name], overrides + (TINY if args.tiny else []))
+    return load_config(ROOT / RECIPES[name], overrides + (tiny_overrides(name) if args.tiny else []))
 
 
 def run_workload(name: str, args, device, run_dir: Path) -> dict:

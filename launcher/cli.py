@@ -281,6 +281,13 @@ def _eval_mlm(args: argparse.Namespace, out) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    from sslscale.config import annotated_yaml, load_config
+
+    print(annotated_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _ckpt_info(args: argparse.Namespace) -> int:
     from sslscale.checkpoint import describe
 
@@ -449,6 +456,7 @@ DESCRIPTION = ("Self-supervised pretraining of encoders (MAE, BERT-style MLM, Si
 
 EPILOG = """\
 a run: data prepare -> train | launch | submit -> eval knn | linear | finetune | mlm -> export | push
+a recipe's keys and defaults: config show RECIPE [key=value ...]
 
 example (Fashion-MNIST: apt-get install dataset-fashion-mnist):
   sslscale data prepare fashion-mnist --split train --out data/demo/train
@@ -563,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML recipe, e.g. configs/demo/mae_vit_tiny_fmnist.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
         p.set_defaults(func=_with_config_warnings(func))
+
+    config = sub.add_parser("config", help="inspect a recipe's resolved config").add_subparsers(
+        dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved config as YAML: every key of the "
+                             "common sections and of the chosen objective and model family, with "
+                             "the default of each value that differs")
+    show.add_argument("config", help="YAML recipe or a run's config.yaml, e.g. "
+                      "configs/demo/mae_vit_tiny_fmnist.yaml")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=simclr")
+    show.set_defaults(func=_config_show)
 
     run_dir_help = "the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist"
     ev = sub.add_parser("eval", help="evaluate a run: kNN, linear probe, fine-tuning (images) or masked tokens (text)").add_subparsers(

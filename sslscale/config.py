@@ -1,27 +1,30 @@
 """The run configuration: a dataclass schema merged as defaults < YAML recipe < dotted overrides.
 
-Owns the schema (every key a user may set, with its default), loading and merging through
-OmegaConf's structured configs, the checks that name the offending key and its source (a
-misspelled key names the closest valid one), the warnings for valid values that are probably a
-mistake (``warnings_for``), and writing the resolved config to ``RUN_DIR/config.yaml``. Nothing
-here imports torch.
+Owns the common sections of the schema (every key a user may set, with its default; the
+``objective`` and ``model`` sections have one dataclass per objective and model family, in
+``sslscale.config_schema``), loading and merging through OmegaConf's structured configs, the
+checks that name the offending key and its source (a misspelled key names the closest valid one,
+another objective's key its owner), the warnings for valid values that are probably a mistake
+(``warnings_for``), ``sslscale config show``'s YAML and writing the resolved config to
+``RUN_DIR/config.yaml``. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type, or holds an invalid value."""
+from sslscale.config_schema import (MODEL_SCHEMAS, OBJECTIVE_SCHEMAS, SCHEMAS, ConfigError,
+                                    MAEConfig, ModelBase, ObjectiveBase, ViTModelConfig,
+                                    select_schemas, validate_objective)
 
 
 @dataclass
@@ -35,57 +38,6 @@ class DataConfig:
     # per-channel normalization in [0, 1] pixel units (default: ImageNet's)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-
-
-@dataclass
-class ModelConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    decoder_hidden_size: int = 512
-    decoder_num_hidden_layers: int = 8
-    decoder_num_attention_heads: int = 16
-    decoder_intermediate_size: int = 2048
-    attn_implementation: str = "sdpa"
-    # text (MLM): 0 = the tokenizer's vocabulary size; positions >= the data's seq_len
-    vocab_size: int = 0
-    max_position_embeddings: int = 512
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam | classify (fine-tuning)
-    mask_ratio: float = 0.75  # fraction of patches hidden from the MAE encoder
-    norm_pix_loss: bool = True  # MAE: per-patch normalized pixel targets
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop
-    hflip: bool = True
-    # MLM (BERT's 80/10/10): of the selected tokens, mask_replace_prob -> [MASK],
-    # random_replace_prob -> a random token, the rest unchanged
-    mlm_probability: float = 0.15
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
-    # contrastive views: SimCLR color-jitter strength s, per-view blur / solarize probabilities
-    color_jitter: float = 0.5
-    color_jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1])
-    solarize_prob: list[float] = field(default_factory=lambda: [0.0, 0.2])
-    # contrastive heads and loss
-    pooling: str = "cls"  # cls | mean: the encoder's representation (also the kNN feature)
-    projection_hidden_dim: int = 2048
-    projection_dim: int = 256
-    predictor_hidden_dim: int = 512  # moco_v3 / simsiam predictor
-    temperature: float = 0.1  # InfoNCE / NT-Xent
-    momentum: float = 0.99  # moco_v3 EMA at step 0, cosine to 1.0 at max_steps
-    # global: negatives (and BatchNorm statistics) over all ranks' micro-batches; local: own rank
-    negatives: str = "global"
-    # classify (fine-tuning): classes (0: from the training shards' manifest, meta.classes)
-    num_classes: int = 0
-    label_smoothing: float = 0.1
 
 
 @dataclass
@@ -188,8 +140,9 @@ class Config:
     run_dir: Optional[str] = None  # default: runs/<name>
     resume: str = "auto"  # auto (latest complete checkpoint, if any) | never | PATH to a step dir
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # model.name / objective.name select the section's dataclass (sslscale/config_schema.py)
+    model: ModelBase = field(default_factory=ViTModelConfig)
+    objective: ObjectiveBase = field(default_factory=MAEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -202,9 +155,10 @@ class Config:
 
 # the names sslscale/objectives registers (tests/unit/test_errors.py keeps the two equal); checked
 # with the config, before any rank starts, without importing the objectives' models
-OBJECTIVE_NAMES = ("classify", "mae", "mlm", "moco_v3", "simclr", "simsiam")
+OBJECTIVE_NAMES = tuple(sorted(OBJECTIVE_SCHEMAS))
 _CHOICES = {
     "objective.name": OBJECTIVE_NAMES,
+    "model.name": tuple(sorted(MODEL_SCHEMAS)),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "wandb.mode": ("offline", "online", "disabled"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -229,12 +183,13 @@ _BOUNDS = {
     "dist.timeout_s": (">", 0), "slurm.signal_grace_s": (">=", 1), "slurm.max_failures": (">=", 0),
 }
 _COMPARE = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b}  # False for NaN: refused
+_ABSENT = object()  # OmegaConf.select's answer for a key the chosen schema does not have
 
 
-
-def schema_keys() -> list[str]:
-    """Every dotted key of the schema (``train.max_steps``, ``deepspeed.extra``, ...): the leaves
-    of ``Config``, a dict- or list-valued key counting as one leaf."""
+def schema_keys(cfg: DictConfig | None = None) -> list[str]:
+    """Every dotted key of ``cfg``'s schema (default: ``Config``, i.e. objective ``mae`` on
+    model ``vit``): ``train.max_steps``, ``deepspeed.extra``, ...; the leaves, a dict- or
+    list-valued key counting as one leaf."""
     keys: list[str] = []
 
     def walk(node: DictConfig, prefix: str) -> None:
@@ -245,14 +200,17 @@ def schema_keys() -> list[str]:
             else:
                 keys.append(f"{prefix}{key}")
 
-    walk(OmegaConf.structured(Config), "")
+    walk(OmegaConf.structured(Config) if cfg is None else cfg, "")
     return keys
 
 
-def _suggest(key: str) -> str | None:
-    """The schema key closest to the misspelled ``key`` (``train.max_step`` -> ``train.max_steps``,
-    ``lr`` -> ``optim.lr``), or None when nothing is close."""
-    keys = schema_keys()
+def _suggest(key: str, keys: list[str]) -> str | None:
+    """The key of ``keys``, else of any objective's or model family's schema, closest to the
+    misspelled ``key`` (``train.max_step`` -> ``train.max_steps``, ``lr`` -> ``optim.lr``), or
+    None when nothing is close."""
+    foreign = [f"{section}.{f.name}" for section, table in SCHEMAS.items() for schema in table.values()
+               for f in dataclasses.fields(schema)]
+    keys = list(dict.fromkeys(keys + foreign))
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if close:
         return close[0]
@@ -282,9 +240,9 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
         key = _user_key(other, e.full_key)
-        suggestion = _suggest(key)
+        suggestion = _suggest(key, schema_keys(base))
         hint = (f"did you mean '{suggestion}'?" if suggestion else
-                "check the spelling; valid keys are listed in sslscale/config.py")
+                "check the spelling; sslscale config show RECIPE lists the valid keys")
         raise ConfigError(f"{source}: unknown key '{key}'; {hint}") from None
     except ValidationError as e:
         raise ConfigError(f"{source}: key '{e.full_key}': {e.msg}") from None
@@ -303,28 +261,47 @@ def _overridden(key: str, overridden: Collection[str]) -> bool:
                for o in overridden)
 
 
+def _plain(node: Any, resolve: bool = False) -> Any:
+    """A plain ``dict`` / ``list`` of a config node (other values as they are)."""
+    return OmegaConf.to_container(node, resolve=resolve) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
 def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Build the run config: schema defaults < the YAML ``recipe`` < dotted ``overrides``.
 
-    ``overrides`` look like ``optim.lr=1e-3``. Returns a read-only structured ``DictConfig``.
-    Raises ``ConfigError`` naming the offending key and where it came from (the recipe file or
-    the command line), and ``FileNotFoundError`` for a missing recipe.
+    ``overrides`` look like ``optim.lr=1e-3``. ``objective.name`` picks the ``objective``
+    section's schema and ``model.name`` the ``model`` section's (inferred when unset:
+    ``sslscale.config_schema.select_schemas``); the result holds only their keys beside the
+    common sections. Keys of other objectives or families that are merely present are dropped
+    (at their default value, or in a config.yaml of a run loaded for another objective).
+    Returns a read-only structured ``DictConfig``. Raises ``ConfigError`` naming the offending
+    key and where it came from (the recipe file or the command line): an unknown key (with the
+    closest valid one), a key of another objective or model family set to a value of its own
+    (naming its owner), a wrong type or a value out of range; ``FileNotFoundError`` for a
+    missing recipe.
     """
-    cfg = OmegaConf.structured(Config)
+    source = str(recipe) if recipe is not None else "config"
+    loaded: Any = {}
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
             raise FileNotFoundError(f"config recipe not found: {path}")
         try:
-            loaded = OmegaConf.load(path)
+            loaded = _plain(OmegaConf.load(path))
         except Exception as e:  # yaml.YAMLError and OmegaConf's own parse errors
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        cfg = _merge(cfg, loaded, str(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"command line: override '{bad[0]}' is not of the form key=value")
-    cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
-    validate(cfg, source=str(recipe) if recipe else "config", overridden=override_keys(overrides))
+    dotted = _plain(OmegaConf.from_dotlist(list(overrides)))
+    objective, model = select_schemas(loaded if isinstance(loaded, dict) else {}, dotted, source)
+    cfg = OmegaConf.structured(Config)
+    cfg.objective = OmegaConf.structured(OBJECTIVE_SCHEMAS[objective])
+    cfg.model = OmegaConf.structured(MODEL_SCHEMAS[model])
+    if recipe is not None:
+        cfg = _merge(cfg, loaded, source)
+    cfg = _merge(cfg, dotted, "command line")
+    validate(cfg, source=source, overridden=override_keys(overrides))
     if cfg.run_dir is None:
         cfg.run_dir = str(Path("runs") / cfg.name)
     OmegaConf.set_readonly(cfg, True)
@@ -334,13 +311,14 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
 def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str] = ()) -> None:
     """Check values that the schema's types cannot; raise ``ConfigError`` naming the key, its
     value and where it came from: ``command line`` for a key in ``overridden`` (dotted keys set
-    by overrides), else ``source`` (the recipe path, or ``config`` for the defaults)."""
+    by overrides), else ``source`` (the recipe path, or ``config`` for the defaults). Keys the
+    chosen objective or model family does not have are not checked."""
     def where(*keys: str) -> str:
         return "command line" if any(_overridden(k, overridden) for k in keys) else source
 
     for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and value not in choices:
             raise ConfigError(f"{where(key)}: key '{key}' = {value!r}; expected one of {list(choices)}")
     for key, (op, bound) in _BOUNDS.items():
         value = OmegaConf.select(cfg, key)
@@ -350,7 +328,12 @@ def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{where('optim.betas')}: key 'optim.betas' must be two values in [0, 1), "
                           f"got {betas}")
-    _validate_objective(cfg, where)
+    if not cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"{where('optim.layer_decay')}: key 'optim.layer_decay' must be in (0, 1] "
+                          f"(1: no decay), got {cfg.optim.layer_decay}")
+    validate_objective(cfg, where)
+    if "image_size" not in cfg.model:
+        return  # not a ViT: no patches, no pixel statistics
     if cfg.model.image_size % cfg.model.patch_size:
         raise ConfigError(f"{where('model.image_size', 'model.patch_size')}: key 'model.image_size' = "
                           f"{cfg.model.image_size} must be a multiple of model.patch_size = "
@@ -360,37 +343,6 @@ def validate(cfg: DictConfig, source: str = "config", overridden: Collection[str
         raise ConfigError(f"{where('data.mean', 'data.std', 'model.num_channels')}: keys "
                           f"'data.mean'/'data.std' need model.num_channels={channels} values, got "
                           f"{list(cfg.data.mean)} / {list(cfg.data.std)}")
-
-
-def _validate_objective(cfg: DictConfig, where) -> None:
-    """The ``objective`` section's ranges (``where(*keys)`` names the source of ``keys``)."""
-    o = cfg.objective
-    if not 0.0 <= o.mask_ratio < 1.0:
-        raise ConfigError(f"{where('objective.mask_ratio')}: key 'objective.mask_ratio' must be in "
-                          f"[0, 1), got {o.mask_ratio}")
-    if len(o.blur_prob) != 2 or len(o.solarize_prob) != 2:
-        raise ConfigError(f"{where('objective.blur_prob', 'objective.solarize_prob')}: keys "
-                          "'objective.blur_prob'/'objective.solarize_prob' need one value per view "
-                          f"(2), got {list(o.blur_prob)} / {list(o.solarize_prob)}")
-    probs = ["objective.mlm_probability", "objective.mask_replace_prob",
-             "objective.random_replace_prob", "objective.color_jitter_prob", "objective.grayscale_prob"]
-    for key in probs + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob") for i in (0, 1)]:
-        value = OmegaConf.select(cfg, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where(key)}: key '{key}' must be a probability in [0, 1], got {value}")
-    if o.mask_replace_prob + o.random_replace_prob > 1.0:
-        raise ConfigError(f"{where('objective.mask_replace_prob', 'objective.random_replace_prob')}: "
-                          "keys 'objective.mask_replace_prob' + 'objective.random_replace_prob' must "
-                          f"be <= 1, got {o.mask_replace_prob} + {o.random_replace_prob}")
-    if not cfg.optim.layer_decay <= 1.0:
-        raise ConfigError(f"{where('optim.layer_decay')}: key 'optim.layer_decay' must be in (0, 1] "
-                          f"(1: no decay), got {cfg.optim.layer_decay}")
-    if not 0.0 <= o.label_smoothing < 1.0:
-        raise ConfigError(f"{where('objective.label_smoothing')}: key 'objective.label_smoothing' "
-                          f"must be in [0, 1), got {o.label_smoothing}")
-    if not 0.0 <= o.momentum <= 1.0:
-        raise ConfigError(f"{where('objective.momentum')}: key 'objective.momentum' must be in "
-                          f"[0, 1], got {o.momentum}")
 
 
 def warnings_for(cfg: DictConfig) -> list[str]:
@@ -422,6 +374,26 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
+
+
+def annotated_yaml(cfg: DictConfig) -> str:
+    """``cfg`` as YAML (resolved; ``sslscale config show``), every key of its sections listed,
+    a ``# default: X`` comment after each value that differs from its schema's default (the
+    chosen objective's and model family's for ``objective`` / ``model``)."""
+    base = OmegaConf.structured(Config)
+    base.objective = OmegaConf.structured(OBJECTIVE_SCHEMAS[cfg.objective.name])
+    base.model = OmegaConf.structured(MODEL_SCHEMAS[cfg.model.name])
+    lines, section = [], ""
+    for line in OmegaConf.to_yaml(cfg, resolve=True).splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if indent <= 2 and ":" in line and not line.lstrip().startswith("- "):
+            key = line.strip().split(":", 1)[0]
+            section, dotted = (key, key) if indent == 0 else (section, f"{section}.{key}")
+            value, default = (_plain(OmegaConf.select(c, dotted), resolve=True) for c in (cfg, base))
+            if (indent or not isinstance(value, dict)) and value != default and dotted != "run_dir":
+                line = f"{line}  # default: {json.dumps(default)}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sslscale.config_schema import image_input
 from sslscale.data.shards import Manifest
 from sslscale.data.stream import ImageDecoder, eval_batches
 from sslscale.log import get_logger, progress as show_progress
@@ -209,12 +210,8 @@ def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
 
 
 def run_modality(cfg) -> str:
-    """``text`` for MLM runs and fine-tuning runs on text, else ``image``."""
-    if cfg.objective.name == "classify":
-        from sslscale.objectives.classify import train_modality
-
-        return train_modality(cfg)
-    return "text" if cfg.objective.name == "mlm" else "image"
+    """``text`` for runs of a BERT (MLM, fine-tuning on text), ``image`` for a ViT's."""
+    return "text" if cfg.model.name == "bert" else "image"
 
 
 def labeled_manifests(cfg, train_shards: str | None, test_shards: str | None) -> tuple[Manifest, Manifest]:
@@ -270,6 +267,8 @@ def _warn_shapes(cfg, manifests: dict[str, Manifest]) -> None:
     """Log a warning per manifest whose recorded images differ from the model's input."""
     from sslscale.data.shards import image_shape_warning
 
+    if cfg.model.name != "vit":
+        return
     for key, manifest in manifests.items():
         line = image_shape_warning(manifest, key, num_channels=cfg.model.num_channels,
                                    image_size=cfg.model.image_size)
@@ -301,7 +300,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     bank, queries = labeled_manifests(cfg, train_shards, test_shards)
     _warn_shapes(cfg, {"eval.train_shards": bank, "eval.test_shards": queries})
     device = _device()
-    common = dict(device=device, image_size=cfg.model.image_size, num_channels=cfg.model.num_channels,
+    common = dict(device=device, **image_input(cfg),
                   k=k or cfg.eval.k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                   max_train_samples=max_train_samples or cfg.eval.max_train_samples,
                   max_test_samples=max_test_samples or cfg.eval.max_test_samples)

@@ -85,10 +85,16 @@ def mae_flops_per_sample(cfg) -> float:
     return PATCH_TRAIN * linear_flops(n, patch_dim, m.hidden_size) + TRAIN * (encoder + decoder)
 
 
-def classify_flops_per_sample(cfg) -> float:
-    """Training FLOPs per image of fine-tuning (``classify``): the ViT on all ``N + 1`` tokens
-    and the linear head on the pooled representation."""
+def classify_flops_per_sample(cfg, seq_len: int | None = None) -> float:
+    """Training FLOPs per sample of fine-tuning (``classify``): the ViT on all ``N + 1`` tokens
+    (a BERT, ``model.name=bert``: on ``seq_len`` tokens) and the linear head on the pooled
+    representation. Raises ``ValueError`` for a BERT without ``seq_len``."""
     m = cfg.model
+    if m.name == "bert":
+        if not seq_len:
+            raise ValueError("classify_flops_per_sample: a BERT needs seq_len")
+        return TRAIN * (transformer_flops(seq_len, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
+                        + linear_flops(1, m.hidden_size, cfg.objective.num_classes))
     n, patch_dim = _patches(m)
     encoder = transformer_flops(n + 1, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
     head = linear_flops(1, m.hidden_size, cfg.objective.num_classes)
@@ -152,7 +158,7 @@ def two_view_flops_per_sample(cfg, *, columns: int) -> float:
     to the queries only. Raises ``ValueError`` for an objective that is not two-view."""
     m, o = cfg.model, cfg.objective
     n, patch_dim = _patches(m)
-    h, p, d, q = m.hidden_size, o.projection_hidden_dim, o.projection_dim, o.predictor_hidden_dim
+    h, p, d, q = m.hidden_size, o.projection_hidden_dim, o.projection_dim, o.get("predictor_hidden_dim")
     backbone = transformer_flops(n + 1, h, m.intermediate_size, m.num_hidden_layers)
     patch = linear_flops(n, patch_dim, h)
     view = PATCH_TRAIN * patch + TRAIN * backbone
@@ -183,7 +189,7 @@ def flops_per_sample(cfg, **data) -> float:
     if name in ("simclr", "moco_v3", "simsiam"):
         return two_view_flops_per_sample(cfg, **data)
     if name == "classify":
-        return classify_flops_per_sample(cfg)
+        return classify_flops_per_sample(cfg, **data)
     if name == "rotnet":
         return rotnet_flops_per_sample(cfg)
     if name in ("dae", "vae"):
@@ -214,6 +220,8 @@ def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
         local = len(batch["pixel_values"])
         columns = local * world_size if cfg.objective.negatives == "global" else local
         return two_view_flops_per_sample(cfg, columns=columns)
+    if name == "classify" and "input_ids" in batch:  # text: the block length
+        return classify_flops_per_sample(cfg, seq_len=batch["input_ids"].shape[1])
     return flops_per_sample(cfg)
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslscale.config_schema import image_input
+
 PROTOCOL = ("linear probe (MAE / MoCo v3): frozen un-augmented features, BatchNorm without "
             "affine + linear layer, SGD momentum 0.9, lr x batch/256 with 10% warm-up + cosine, "
             "no weight decay")
@@ -167,8 +169,7 @@ def probe_run(run_dir: str, *, step: int | None = None, train_shards: str | None
     limits = dict(max_train_samples=max_train_samples or cfg.eval.max_train_samples,
                   max_test_samples=max_test_samples or cfg.eval.max_test_samples)
     device = _device()
-    common = dict(device=device, image_size=cfg.model.image_size,
-                  num_channels=cfg.model.num_channels, batch_size=cfg.eval.batch_size, **limits)
+    common = dict(device=device, **image_input(cfg), batch_size=cfg.eval.batch_size, **limits)
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=cfg.train.seed)
     seed_everything(cfg.train.seed)
     objective = build_objective(cfg)

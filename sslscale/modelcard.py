@@ -284,7 +284,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
     if tokens is None and value_at(series, "tokens_seen", step):
         tokens = int(value_at(series, "tokens_seen", step)[1])
     image = model.main_input_name == "pixel_values"
-    pooling = "mean" if name == "mae" else cfg.objective.pooling
+    pooling = "mean" if name == "mae" else cfg.objective.get("pooling", "cls")  # mlm: none (text)
     c = model.config
     num_params = sum(p.numel() for p in model.parameters())
     arch = (f"ViT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
@@ -310,7 +310,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
         "eval_data": dataset_of(_eval_source(cfg.eval.test_shards, manifest.source)),
         "gray": image and cfg.model.num_channels == 1,
         "num_params": num_params, "num_params_text": f"{num_params:,}", "hidden_size": c.hidden_size,
-        "mae_keep": f"{1 - cfg.objective.mask_ratio:.0%}",
+        "mae_keep": f"{1 - cfg.objective.get('mask_ratio', 0.0):.0%}",  # read for mae only
         "data_source": manifest.source, "data_license": manifest.license,
         "data_samples_text": f"{manifest.num_samples:,}", "data_shards": len(manifest.shards),
         "manifest_path": str(manifest_file),

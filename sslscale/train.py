@@ -15,6 +15,7 @@ import torch
 
 from launcher.env import export_env, read_env, rendezvous_errors
 from sslscale.config import load_config, save_config, to_dict
+from sslscale.config_schema import image_input
 from sslscale.data.shards import load_manifest_for
 from sslscale.dist import gathered
 from sslscale.rng import seed_everything
@@ -73,8 +74,7 @@ def make_evaluator(cfg, engine, env, train_manifest):
 
         held_out = load_manifest_for("eval.test_shards", cfg.eval.test_shards)
         return lambda: classify_eval(engine.module, held_out, device=engine.device, rank=env.rank,
-                                     world_size=env.world_size, image_size=cfg.model.image_size,
-                                     num_channels=cfg.model.num_channels,
+                                     world_size=env.world_size, **image_input(cfg),
                                      batch_size=cfg.eval.batch_size, limit=cfg.eval.max_test_samples)
     if not (cfg.eval.train_shards and cfg.eval.test_shards):
         return None
@@ -85,8 +85,7 @@ def make_evaluator(cfg, engine, env, train_manifest):
 
     def evaluate() -> dict:
         return knn_eval(engine.module, bank, queries, device=engine.device, rank=env.rank,
-                        world_size=env.world_size, image_size=cfg.model.image_size,
-                        num_channels=cfg.model.num_channels, k=cfg.eval.k,
+                        world_size=env.world_size, **image_input(cfg), k=cfg.eval.k,
                         temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
                         max_train_samples=cfg.eval.max_train_samples,
                         max_test_samples=cfg.eval.max_test_samples)

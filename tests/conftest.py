@@ -104,6 +104,19 @@ def tiny_text_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> 
             f"run_dir={run_dir}", *TINY_BERT, *extra]
 
 
+def for_objective(name: str, overrides, model: str | None = None) -> list[str]:
+    """The ``overrides`` (a bundle of test settings for several objectives) whose
+    ``objective.*`` / ``model.*`` keys objective ``name`` and its model family (default: its
+    first) have, plus ``objective.name=name``: a key of another objective is a config error."""
+    from sslscale.config_schema import MODEL_SCHEMAS, OBJECTIVE_MODELS, OBJECTIVE_SCHEMAS, defaults
+
+    model = model or OBJECTIVE_MODELS[name][0]
+    own = {"objective": defaults(OBJECTIVE_SCHEMAS[name]), "model": defaults(MODEL_SCHEMAS[model])}
+    keep = [o for o in overrides if o.split(".", 1)[0] not in own
+            or o.split("=", 1)[0].split(".", 1)[1].split("[")[0] in own[o.split(".", 1)[0]]]
+    return [*keep, f"objective.name={name}"]
+
+
 def tiny_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
             f"eval.test_shards={shards['test']}", f"run_dir={run_dir}", *TINY, *extra]

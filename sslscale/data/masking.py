@@ -128,10 +128,12 @@ class MLMDecoder:
         special = {k: v for k, v in meta["special_tokens"].items() if v is not None}
         if "mask" not in special:
             raise ValueError(f"{manifest.root}/manifest.json: the tokenizer has no mask token")
-        o = cfg.objective
+        from sslscale.config_schema import MLMConfig, defaults
+
+        o = {**defaults(MLMConfig), **cfg.objective}  # MLM's defaults for another objective's run
         return cls(seq_len=meta["seq_len"], vocab_size=meta["vocab_size"], mask_id=special["mask"],
-                   special_ids=list(special.values()), mlm_probability=o.mlm_probability,
-                   mask_replace_prob=o.mask_replace_prob, random_replace_prob=o.random_replace_prob)
+                   special_ids=list(special.values()), mlm_probability=o["mlm_probability"],
+                   mask_replace_prob=o["mask_replace_prob"], random_replace_prob=o["random_replace_prob"])
 
     def mask(self, input_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """``(corrupted input_ids, labels)`` for one block ``(L,)``, deterministic in ``seed``;

@@ -366,7 +366,9 @@ def image_shape_warnings(cfg) -> list[str]:
     not load are left to the command's own checks (which name the error)."""
     from omegaconf import OmegaConf
 
-    found = []
+    found: list[str] = []
+    if OmegaConf.select(cfg, "model.image_size") is None:
+        return found  # a text model: nothing to compare
     for key in ("data.train_shards", "eval.train_shards", "eval.test_shards"):
         path = OmegaConf.select(cfg, key)
         if not path:

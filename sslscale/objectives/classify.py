@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import BertModel, ViTModel
 
+from sslscale.config_schema import ClassifyConfig
 from sslscale.data.augment import ViewAugment, ViewConfig
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
@@ -80,8 +81,9 @@ class ClassifyObjective(nn.Module):
         with torch.no_grad():  # MAE's fine-tuning head: trunc_normal(std=2e-5), zero bias
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
-        view = ViewConfig(crop_scale=tuple(cfg.objective.crop_scale), hflip=cfg.objective.hflip)
-        self.transform = ViewAugment(cfg.model.image_size, cfg.data.mean, cfg.data.std, [view])
+        if modality == "image":  # text: no augmentation (and no model.image_size)
+            view = ViewConfig(crop_scale=tuple(cfg.objective.crop_scale), hflip=cfg.objective.hflip)
+            self.transform = ViewAugment(cfg.model.image_size, cfg.data.mean, cfg.data.std, [view])
         self.label_smoothing = cfg.objective.label_smoothing
         self.num_layers = cfg.model.num_hidden_layers
 
@@ -151,6 +153,14 @@ class ClassifyObjective(nn.Module):
         self.backbone.load_state_dict({k: v for k, v in encoder.items() if k in own})
 
 
-@OBJECTIVES.register("classify")
+@OBJECTIVES.register("classify", schema=ClassifyConfig)
 def build_classify(cfg) -> ClassifyObjective:
-    return ClassifyObjective(cfg, train_modality(cfg))
+    """A ``bert`` (``model.name``) on text or a ``vit`` on images; ``ConfigError`` when
+    ``data.train_shards`` holds the other modality."""
+    modality = "text" if cfg.model.name == "bert" else "image"
+    if cfg.data.train_shards and train_modality(cfg) != modality:
+        from sslscale.config import ConfigError
+
+        raise ConfigError(f"key 'model.name' = {cfg.model.name!r}: data.train_shards = "
+                          f"{cfg.data.train_shards} holds {train_modality(cfg)} shards")
+    return ClassifyObjective(cfg, modality)

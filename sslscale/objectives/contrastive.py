@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
+from sslscale.config_schema import MoCoV3Config, SimCLRConfig, SimSiamConfig
 from sslscale.data.augment import ViewAugment, ViewConfig, random_seeds
 from sslscale.dist import gathered
 from sslscale.objectives.base import ObjectiveOutput
@@ -64,11 +65,11 @@ class TwoViewObjective(nn.Module):
         self.backbone = ViTModel(vit_config(cfg), add_pooling_layer=False)
         self.transform = ViewAugment(cfg.model.image_size, cfg.data.mean, cfg.data.std, view_configs(cfg))
         self.pooling = cfg.objective.pooling
-        self.temperature = cfg.objective.temperature
-        self.global_negatives = cfg.objective.negatives == "global"
         o = cfg.objective
+        self.temperature = o.get("temperature")  # simclr, moco_v3
+        self.global_negatives = o.negatives == "global"
         self.head_dims = (cfg.model.hidden_size, o.projection_hidden_dim, o.projection_dim,
-                          o.predictor_hidden_dim)
+                          o.get("predictor_hidden_dim"))  # moco_v3, simsiam
 
     def _head(self, kind: str) -> nn.Sequential:
         d, hidden, out, pred_hidden = self.head_dims
@@ -204,16 +205,16 @@ class MoCoV3(TwoViewObjective):
         return ObjectiveOutput(loss=loss)
 
 
-@OBJECTIVES.register("simclr")
+@OBJECTIVES.register("simclr", schema=SimCLRConfig)
 def build_simclr(cfg) -> SimCLR:
     return SimCLR(cfg)
 
 
-@OBJECTIVES.register("moco_v3")
+@OBJECTIVES.register("moco_v3", schema=MoCoV3Config)
 def build_moco_v3(cfg) -> MoCoV3:
     return MoCoV3(cfg)
 
 
-@OBJECTIVES.register("simsiam")
+@OBJECTIVES.register("simsiam", schema=SimSiamConfig)
 def build_simsiam(cfg) -> SimSiam:
     return SimSiam(cfg)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
+from sslscale.config_schema import MAEConfig
 from sslscale.data.augment import MASK, ViewAugment, ViewConfig, random_seeds, uniform
 from sslscale.dist import gathered
 from sslscale.objectives.base import ObjectiveOutput
@@ -130,6 +131,6 @@ class MAEObjective(nn.Module):
         return hidden[:, 1:].mean(dim=1).float()
 
 
-@OBJECTIVES.register("mae")
+@OBJECTIVES.register("mae", schema=MAEConfig)
 def build_mae(cfg) -> MAEObjective:
     return MAEObjective(cfg)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
+from sslscale.config_schema import MLMConfig
 from sslscale.data.masking import IGNORE_INDEX, masked_positions_of
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.registry import OBJECTIVES
@@ -102,6 +103,6 @@ class MLMObjective(nn.Module):
         return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)).float()
 
 
-@OBJECTIVES.register("mlm")
+@OBJECTIVES.register("mlm", schema=MLMConfig)
 def build_mlm(cfg) -> MLMObjective:
     return MLMObjective(cfg)

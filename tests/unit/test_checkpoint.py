@@ -60,13 +60,30 @@ def test_other_world_size_is_elastic_other_stage_or_shape_is_an_error(tmp_path):
         checkpoint.check_compatible(folder, 1, 2, config())
     with pytest.raises(ConfigError, match=r"'model.hidden_size'.*64.*128"):
         checkpoint.check_compatible(folder, 1, 1, config("model.hidden_size=128"))
+    simclr = fake_checkpoint(tmp_path / "simclr", 10)
+    marker["model"] = checkpoint.model_signature(config("objective.name=simclr"))
+    (simclr / checkpoint.MARKER).write_text(json.dumps(marker))
     with pytest.raises(ConfigError, match=r"'objective.projection_dim'.*256.*128"):
-        checkpoint.check_compatible(folder, 1, 1, config("objective.projection_dim=128"))
+        checkpoint.check_compatible(simclr, 1, 1, config("objective.name=simclr", "objective.projection_dim=128"))
     with pytest.raises(ConfigError, match=r"'objective.name'.*'mae'.*'simclr'"):
         checkpoint.check_compatible(folder, 1, 1, config("objective.name=simclr"))
     # Not shapes: the attention kernel or the mask ratio may change on resume.
     assert checkpoint.check_compatible(folder, 1, 1, config("model.attn_implementation=eager",
                                                             "objective.mask_ratio=0.5")) is True
+
+
+def test_a_checkpoint_of_the_flat_schema_resumes_under_the_per_objective_one(tmp_path):
+    """Markers written before per-objective schemas hold every model key and every objective's
+    ``*_dim`` keys; only the keys both sides have are compared."""
+    folder = fake_checkpoint(tmp_path, 10)
+    marker = json.loads((folder / checkpoint.MARKER).read_text())
+    marker["model"] = {**checkpoint.model_signature(config("objective.name=simclr")),
+                       "model.vocab_size": 0, "model.max_position_embeddings": 512,
+                       "objective.predictor_hidden_dim": 512}  # not simclr's, nor a ViT's
+    (folder / checkpoint.MARKER).write_text(json.dumps(marker))
+    assert checkpoint.check_compatible(folder, 2, 1, config("objective.name=simclr")) is False
+    with pytest.raises(ConfigError, match=r"'model.hidden_size'"):  # shared keys still compared
+        checkpoint.check_compatible(folder, 2, 1, config("objective.name=simclr", "model.hidden_size=32"))
 
 
 def test_retention_deletes_the_universal_copy_with_its_checkpoint(tmp_path):

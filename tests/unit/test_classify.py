@@ -10,7 +10,7 @@ from sslscale.config import ConfigError, load_config
 from sslscale.engine import apply_schedules, build_optimizer, param_groups
 from sslscale.objectives import build_objective
 
-from ..conftest import TINY
+from ..conftest import TINY, for_objective
 
 IMAGE = ["model.image_size=28", "model.num_channels=1", "data.mean=[0.3]", "data.std=[0.35]"]
 
@@ -43,9 +43,8 @@ def test_loss_is_label_smoothed_cross_entropy_of_the_head():
 @pytest.mark.parametrize("source", ["mae", "moco_v3"])
 def test_the_encoder_of_a_pretraining_objective_is_loaded_and_the_head_stays_new(source):
     torch.manual_seed(1)
-    pretrained = build_objective(load_config(None, [*TINY, *IMAGE, f"objective.name={source}",
-                                                    "objective.projection_hidden_dim=32",
-                                                    "objective.projection_dim=16"]))
+    pretrained = build_objective(load_config(None, for_objective(source, [
+        *TINY, *IMAGE, "objective.projection_hidden_dim=32", "objective.projection_dim=16"])))
     torch.manual_seed(2)
     objective = build_objective(config())
     head = objective.head.weight.clone()

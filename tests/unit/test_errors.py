@@ -25,7 +25,7 @@ BAD_VALUES = [  # (override, key): each refused with the key, its value and "com
     ("eval.every_steps=-1", "eval.every_steps"), ("train.max_bad_steps=0", "train.max_bad_steps"),
     ("train.stall_timeout_s=-1", "train.stall_timeout_s"), ("dist.timeout_s=0", "dist.timeout_s"),
     ("slurm.max_failures=-1", "slurm.max_failures"), ("slurm.signal_grace_s=0", "slurm.signal_grace_s"),
-    ("objective.blur_prob=[0.5,2.0]", "objective.blur_prob[1]"),
+    ("objective.mask_ratio=1.0", "objective.mask_ratio"),
 ]
 
 
@@ -36,6 +36,13 @@ def test_out_of_range_values_name_key_value_and_command_line(override, key):
     msg = str(e.value)
     assert msg.startswith(f"command line: key '{key}'"), msg
     assert ", got " in msg, msg
+
+
+def test_a_two_view_probability_out_of_range_names_the_element():
+    recipe = ROOT / "configs" / "demo" / "simclr_vit_tiny_fmnist.yaml"  # blur_prob: two-view objectives
+    with pytest.raises(ConfigError, match=r"^command line: key 'objective.blur_prob\[1\]' must be a "
+                                          r"probability in \[0, 1\], got 2.0$"):
+        load_config(recipe, ["objective.blur_prob=[0.5,2.0]"])
 
 
 @pytest.mark.parametrize("override", ["train.stall_timeout_s=0", "train.stall_timeout_s=null",

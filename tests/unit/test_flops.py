@@ -15,6 +15,8 @@ from sslscale import flops
 from sslscale.config import load_config
 from sslscale.objectives import build_objective
 
+from ..conftest import for_objective
+
 SMALL = [
     "model.image_size=32", "model.patch_size=8", "model.num_channels=3", "model.hidden_size=64",
     "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.intermediate_size=128",
@@ -36,7 +38,7 @@ def counted_per_sample(objective, batch) -> float:
 
 @pytest.mark.parametrize("name", ["mae", "simclr", "moco_v3", "simsiam", "classify"])
 def test_image_objectives_match_flop_counter(name):
-    cfg = load_config(None, [*SMALL, f"objective.name={name}", "objective.num_classes=10"])
+    cfg = load_config(None, for_objective(name, [*SMALL, "objective.num_classes=10"]))
     torch.manual_seed(0)
     objective = build_objective(cfg)
     batch = {"pixel_values": torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8),
@@ -47,16 +49,31 @@ def test_image_objectives_match_flop_counter(name):
     assert got == pytest.approx(want, rel=0.01), (name, got, want)
 
 
+def test_text_classify_matches_flop_counter():
+    """Fine-tuning a BERT (``model.name=bert``): the encoder on the block, the head once."""
+    L, V = 16, 100
+    cfg = load_config(None, for_objective("classify", [*SMALL, "objective.num_classes=10",
+                                                       f"model.vocab_size={V}"], model="bert")
+                      + ["model.name=bert"])
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    batch = {"input_ids": torch.randint(0, V, (B, L)), "attention_mask": torch.ones(B, L, dtype=torch.long),
+             "labels": torch.arange(B)}
+    want = counted_per_sample(objective, batch)
+    got = flops.flops_per_sample_of_batch(cfg, batch, world_size=1)
+    assert got == pytest.approx(want, rel=0.01)
+
+
 def test_mae_counts_visible_tokens_only():
     """Masking 75% must make the encoder ~4x cheaper: the count is not 6 x params x patches."""
-    light = flops.mae_flops_per_sample(load_config(None, [*SMALL, "objective.mask_ratio=0.75"]))
-    heavy = flops.mae_flops_per_sample(load_config(None, [*SMALL, "objective.mask_ratio=0.0"]))
+    light = flops.mae_flops_per_sample(load_config(None, for_objective("mae", [*SMALL, "objective.mask_ratio=0.75"])))
+    heavy = flops.mae_flops_per_sample(load_config(None, for_objective("mae", [*SMALL, "objective.mask_ratio=0.0"])))
     assert light < 0.6 * heavy
 
 
 def test_mlm_head_on_masked_positions_matches_flop_counter():
     L, K, V = 16, 3, 100
-    cfg = load_config(None, [*SMALL, "objective.name=mlm", f"model.vocab_size={V}"])
+    cfg = load_config(None, for_objective("mlm", [*SMALL, f"model.vocab_size={V}"]))
     torch.manual_seed(0)
     objective = build_objective(cfg)
     ids = torch.randint(0, V, (B, L))
@@ -73,17 +90,17 @@ def test_mlm_head_on_masked_positions_matches_flop_counter():
 
 def test_counts_read_from_a_batch():
     """What the trainer calls on a logging step: sequence length, masked count, world size."""
-    cfg = load_config(None, [*SMALL, "objective.name=mlm", "model.vocab_size=100"])
+    cfg = load_config(None, for_objective("mlm", [*SMALL, "model.vocab_size=100"]))
     labels = torch.full((4, 16), -100)
     labels[:, :2] = 7  # 2 predicted tokens per sequence
     batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long), "labels": labels}
     assert flops.flops_per_sample_of_batch(cfg, batch, world_size=8) == \
         flops.mlm_flops_per_sample(cfg, seq_len=16, vocab_size=100, masked_per_sample=2)
     images = {"pixel_values": torch.zeros(4, 3, 32, 32, dtype=torch.uint8)}
-    simclr = load_config(None, [*SMALL, "objective.name=simclr"])
+    simclr = load_config(None, for_objective("simclr", SMALL))
     assert flops.flops_per_sample_of_batch(simclr, images, world_size=8) == \
         flops.two_view_flops_per_sample(simclr, columns=32)
-    local = load_config(None, [*SMALL, "objective.name=simclr", "objective.negatives=local"])
+    local = load_config(None, for_objective("simclr", [*SMALL, "objective.negatives=local"]))
     assert flops.flops_per_sample_of_batch(local, images, world_size=8) == \
         flops.two_view_flops_per_sample(local, columns=4)
 
@@ -92,7 +109,7 @@ def test_unknown_objective_and_bad_arguments():
     with pytest.raises(ValueError, match="objective.name='byol'"):
         flops.flops_per_sample(SimpleNamespace(objective=SimpleNamespace(name="byol")))
     with pytest.raises(ValueError, match="seq_len=0"):
-        flops.mlm_flops_per_sample(load_config(None, SMALL), seq_len=0, vocab_size=10)
+        flops.mlm_flops_per_sample(load_config(None, for_objective("mlm", SMALL)), seq_len=0, vocab_size=10)
     with pytest.raises(ValueError, match="num_devices=0"):
         flops.mfu(1e9, 1.0, num_devices=0, peak_tflops_per_device=989)
 

@@ -1,0 +1,305 @@
+"""Per-objective and per-model-family config schemas: the ``objective`` and ``model`` sections.
+
+``objective.name`` selects one dataclass of ``OBJECTIVE_SCHEMAS`` (each objective's builder is
+registered with it: ``OBJECTIVES.register("mae", schema=MAEConfig)``) and ``model.name`` one of
+``MODEL_SCHEMAS`` (``vit``, ``bert``), as solo-learn's per-method arguments and torchtitan's
+per-section job config do. ``select_schemas`` picks both for a recipe and its overrides
+(inferring ``model.name`` when unset) and drops the keys of other objectives or families that
+are merely present; one set to a value of its own is a ``ConfigError`` naming its owner
+(``owners``). ``validate_objective`` checks the objectives' ranges. The defaults equal those of
+the flat schema before 2026-12 (one ``ObjectiveConfig`` with every objective's keys), so a recipe
+resolves to the same values. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+# ------------------------------------------------------------------------------------ objectives
+@dataclass
+class ObjectiveBase:
+    """Keys every objective has."""
+    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam | classify (fine-tuning)
+
+
+@dataclass
+class _ImageViews(ObjectiveBase):
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop
+    hflip: bool = True
+
+
+@dataclass
+class MAEConfig(_ImageViews):
+    """MAE (He et al. 2022): ``sslscale.objectives.mae``."""
+    name: str = "mae"
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    norm_pix_loss: bool = True  # per-patch normalized pixel targets
+
+
+@dataclass
+class MLMConfig(ObjectiveBase):
+    """BERT's masked language modeling (80/10/10): of the selected tokens, ``mask_replace_prob``
+    -> [MASK], ``random_replace_prob`` -> a random token, the rest unchanged."""
+    name: str = "mlm"
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+
+
+@dataclass
+class _TwoView(_ImageViews):
+    """The two-view objectives' views (SimCLR color-jitter strength, per-view blur / solarize
+    probabilities), pooling and projector."""
+    color_jitter: float = 0.5
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    solarize_prob: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    pooling: str = "cls"  # cls | mean: the encoder's representation (also the kNN feature)
+    projection_hidden_dim: int = 2048
+    projection_dim: int = 256
+    # global: negatives (and BatchNorm statistics) over all ranks' micro-batches; local: own rank
+    negatives: str = "global"
+
+
+@dataclass
+class SimCLRConfig(_TwoView):
+    """SimCLR (Chen et al. 2020): ``sslscale.objectives.contrastive``."""
+    name: str = "simclr"
+    temperature: float = 0.1  # NT-Xent
+
+
+@dataclass
+class MoCoV3Config(_TwoView):
+    """MoCo v3 (Chen, Xie & He 2021): ``sslscale.objectives.contrastive``."""
+    name: str = "moco_v3"
+    predictor_hidden_dim: int = 512
+    temperature: float = 0.1  # InfoNCE
+    momentum: float = 0.99  # EMA at step 0, cosine to 1.0 at max_steps
+
+
+@dataclass
+class SimSiamConfig(_TwoView):
+    """SimSiam (Chen & He 2021): ``sslscale.objectives.contrastive``."""
+    name: str = "simsiam"
+    predictor_hidden_dim: int = 512
+
+
+@dataclass
+class ClassifyConfig(_ImageViews):
+    """Supervised fine-tuning: ``sslscale.objectives.classify`` (images use the crop and flip)."""
+    name: str = "classify"
+    pooling: str = "cls"  # cls | mean (MAE's fine-tuning: mean behind a LayerNorm)
+    num_classes: int = 0  # 0: from the training shards' manifest (meta.classes)
+    label_smoothing: float = 0.1
+
+
+OBJECTIVE_SCHEMAS: dict[str, type] = {
+    "classify": ClassifyConfig, "mae": MAEConfig, "mlm": MLMConfig, "moco_v3": MoCoV3Config,
+    "simclr": SimCLRConfig, "simsiam": SimSiamConfig}
+
+
+# -------------------------------------------------------------------------------- model families
+@dataclass
+class ModelBase:
+    """Keys every model family has: the transformer encoder's sizes."""
+    name: str = "vit"  # vit | bert; inferred from the objective (and data) when not set
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class ViTModelConfig(ModelBase):
+    """A ViT on images (the decoder keys: MAE's decoder)."""
+    name: str = "vit"
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    decoder_hidden_size: int = 512
+    decoder_num_hidden_layers: int = 8
+    decoder_num_attention_heads: int = 16
+    decoder_intermediate_size: int = 2048
+
+
+@dataclass
+class BertModelConfig(ModelBase):
+    """BERT on token blocks."""
+    name: str = "bert"
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size (the data's manifest)
+    max_position_embeddings: int = 512  # positions >= the data's seq_len
+
+
+MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "vit": ViTModelConfig}
+# the model families each objective runs on; the first is the default (classify: from the data)
+OBJECTIVE_MODELS: dict[str, tuple[str, ...]] = {
+    "classify": ("vit", "bert"), "mae": ("vit",), "mlm": ("bert",), "moco_v3": ("vit",),
+    "simclr": ("vit",), "simsiam": ("vit",)}
+SCHEMAS = {"objective": OBJECTIVE_SCHEMAS, "model": MODEL_SCHEMAS}
+
+
+def defaults(schema: type) -> dict[str, Any]:
+    """``{key: default}`` of a schema dataclass (lists and dicts as fresh copies)."""
+    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+                     else f.default) for f in dataclasses.fields(schema)}
+
+
+def owners(section: str, key: str) -> list[str]:
+    """The names (sorted) whose schema in ``section`` (``objective`` or ``model``) has ``key``;
+    empty for a key no schema has."""
+    return sorted(name for name, schema in SCHEMAS[section].items()
+                  if key in {f.name for f in dataclasses.fields(schema)})
+
+
+def default_of(section: str, key: str) -> list[Any]:
+    """The defaults of ``key`` in the schemas of ``section`` that have it."""
+    return [defaults(SCHEMAS[section][name])[key] for name in owners(section, key)]
+
+
+# ------------------------------------------------------------------------ choosing the schemas
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, belongs to another objective or model
+    family, or holds an invalid value."""
+
+
+def _section(node: dict, name: str) -> dict:
+    value = node.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _modality(shards: Any) -> str | None:
+    """``modality`` of the manifest at ``shards`` (``image`` when it has none), None when
+    there is no readable manifest there (yet)."""
+    if not isinstance(shards, str) or not shards or "${" in shards:
+        return None
+    from sslscale.data.shards import _read_json, manifest_file
+
+    try:
+        return str(_read_json(manifest_file(shards)).get("modality", "image"))
+    except (OSError, ValueError):
+        return None
+
+
+def _infer_model(objective: str, recipe: dict, dotted: dict) -> str:
+    """The model family of a config that does not name one: the objective's only family; for
+    ``classify``, ``bert`` on text shards (``data.train_shards``' manifest), else the family of
+    the objective the recipe was written for (a pretraining run's config.yaml being fine-tuned),
+    else ``bert`` when a key only BERT has is set away from its default, else ``vit``."""
+    families = OBJECTIVE_MODELS[objective]
+    if len(families) == 1:
+        return families[0]
+    shards = _section(dotted, "data").get("train_shards", _section(recipe, "data").get("train_shards"))
+    modality = _modality(shards)
+    if modality is not None:
+        return "bert" if modality == "text" else "vit"
+    previous = _section(recipe, "objective").get("name")
+    if previous in OBJECTIVE_MODELS and len(OBJECTIVE_MODELS[previous]) == 1:
+        return OBJECTIVE_MODELS[previous][0]
+    for node in (dotted, recipe):
+        for key, value in _section(node, "model").items():
+            if owners("model", key) == ["bert"] and value not in default_of("model", key):
+                return "bert"
+    return families[0]
+
+
+def _drop_foreign(node: dict, chosen: dict[str, str], source: str, lenient: set[str]) -> None:
+    """Remove from ``node`` (a recipe or the overrides, as a plain dict) the keys of sections
+    ``objective`` / ``model`` that belong to another objective or family than ``chosen``:
+    silently when their value is that owner's default or the section is in ``lenient``, else
+    ``ConfigError``. Keys no schema has stay (the merge names them, with a did-you-mean)."""
+    for section, name in chosen.items():
+        values = _section(node, section)
+        own = {f.name for f in dataclasses.fields(SCHEMAS[section][name])}
+        for key in [k for k in values if k not in own and owners(section, k)]:
+            if section in lenient or values[key] in default_of(section, key):
+                del values[key]
+                continue
+            raise ConfigError(f"{source}: key '{section}.{key}' belongs to {section} "
+                              f"{' / '.join(owners(section, key))}, not {name}")
+
+
+def _name(section: str, recipe: dict, dotted: dict, source: str, default: str | None) -> str | None:
+    """``section.name`` from the overrides, else the recipe, else ``default``; ``ConfigError``
+    naming where it came from when no schema has that name."""
+    value = _section(dotted, section).get("name", _section(recipe, section).get("name", default))
+    if value is not None and (not isinstance(value, str) or value not in SCHEMAS[section]):
+        where = "command line" if "name" in _section(dotted, section) else source
+        raise ConfigError(f"{where}: key '{section}.name' = {value!r}; expected one of "
+                          f"{sorted(SCHEMAS[section])}")
+    return value
+
+
+def select_schemas(recipe: dict, dotted: dict, source: str) -> tuple[str, str]:
+    """``(objective.name, model.name)`` of a recipe (a plain dict; ``source`` names it in
+    errors) and its ``dotted`` overrides (a plain dict), and drop from both the keys of other
+    objectives and model families that are merely present: at their default value, or in a
+    recipe written for another objective or family than the command line picks (a run's
+    config.yaml fine-tuned with ``objective.name=classify``), or in a resolved config.yaml from
+    before per-objective schemas (it lists every objective's keys). Raises ``ConfigError`` for
+    an unknown name, a model family the objective does not run on, or another objective's (or
+    family's) key set to a value of its own, naming the key and its owner."""
+    objective = _name("objective", recipe, dotted, source, "mae")
+    model = _name("model", recipe, dotted, source, None) or _infer_model(objective, recipe, dotted)
+    if model not in OBJECTIVE_MODELS[objective]:
+        where = "command line" if {"name"} & (_section(dotted, "model").keys()
+                                              | _section(dotted, "objective").keys()) else source
+        raise ConfigError(f"{where}: key 'model.name' = {model!r}; objective {objective} runs on "
+                          f"model {' / '.join(OBJECTIVE_MODELS[objective])}")
+    every = {f.name for schema in OBJECTIVE_SCHEMAS.values() for f in dataclasses.fields(schema)}
+    written_for = _section(recipe, "objective").get("name", "mae")
+    written_on = _section(recipe, "model").get("name", OBJECTIVE_MODELS.get(written_for, (None,))[0])
+    lenient = set()
+    if every <= set(_section(recipe, "objective")) or (  # a flat config.yaml, or another objective
+            "name" in _section(dotted, "objective") and written_for != objective):
+        lenient = {"objective", "model"}
+    elif "name" in _section(dotted, "model") and written_on != model:
+        lenient = {"model"}
+    _drop_foreign(recipe, {"objective": objective, "model": model}, source, lenient)
+    _drop_foreign(dotted, {"objective": objective, "model": model}, "command line", set())
+    return objective, model
+
+
+# key -> (low, high, whether high is allowed) for the objectives' fractions and probabilities
+_RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing": (0.0, 1.0, False),
+           "objective.momentum": (0.0, 1.0, True)}
+_PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
+                  "objective.random_replace_prob", "objective.color_jitter_prob",
+                  "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")
+                                                 for i in (0, 1)]
+
+
+def validate_objective(cfg: DictConfig, where) -> None:
+    """Check the ``objective`` section's ranges, for the keys the chosen objective has; raise
+    ``ConfigError`` naming the key, its value and ``where(*keys)`` (the source of ``keys``)."""
+    o = cfg.objective
+    for key, (low, high, closed) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"{where(key)}: key '{key}' must be in [{low:g}, {high:g}{']' if closed else ')'}"
+                              f", got {value}")
+    if "blur_prob" in o and (len(o.blur_prob) != 2 or len(o.solarize_prob) != 2):
+        raise ConfigError(f"{where('objective.blur_prob', 'objective.solarize_prob')}: keys "
+                          "'objective.blur_prob'/'objective.solarize_prob' need one value per view "
+                          f"(2), got {list(o.blur_prob)} / {list(o.solarize_prob)}")
+    for key in _PROBABILITIES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where(key)}: key '{key}' must be a probability in [0, 1], got {value}")
+    if "mask_replace_prob" in o and o.mask_replace_prob + o.random_replace_prob > 1.0:
+        raise ConfigError(f"{where('objective.mask_replace_prob', 'objective.random_replace_prob')}: "
+                          "keys 'objective.mask_replace_prob' + 'objective.random_replace_prob' must "
+                          f"be <= 1, got {o.mask_replace_prob} + {o.random_replace_prob}")
+
+
+def image_input(cfg) -> dict[str, int | None]:
+    """``{"image_size", "num_channels"}`` of the config's model (a ViT); both None for a family
+    without images (BERT), whose evaluations read text and never use them."""
+    m = cfg.model
+    return {"image_size": m.get("image_size"), "num_channels": m.get("num_channels")}
