@@ -344,6 +344,16 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors(ValueError)  # not an autoencoder run, --num-images < 1
+@_result_on_stdout
+def _samples(args: argparse.Namespace, out) -> int:
+    from sslscale.samples import write_samples
+
+    print(json.dumps(write_samples(args.run_dir, args.out, step=args.step, num_images=args.num_images,
+                                   shards=args.shards, seed=args.seed)), file=out)
+    return 0
+
+
 def _add_hub_commands(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("run_dir", help="the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist")
@@ -366,6 +376,16 @@ def _add_hub_commands(sub) -> None:
     plot.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
     plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
     plot.set_defaults(func=_plot)
+    samples = sub.add_parser("samples", help="PNG grid of a dae or vae run's reconstructions of "
+                             "held-out images (and, for a vae, <OUT>-prior.png of samples from the prior)")
+    samples.add_argument("run_dir", help="the run's directory (run_dir)")
+    samples.add_argument("--out", required=True, help="PNG file, e.g. samples.png")
+    samples.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    samples.add_argument("--num-images", type=int, default=16, help="images per row")
+    samples.add_argument("--shards", help="image shards to reconstruct (default: run's eval.test_shards, "
+                         "else data.train_shards)")
+    samples.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    samples.set_defaults(func=_samples)
 
 
 @_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure

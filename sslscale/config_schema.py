@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 @dataclass
 class ObjectiveBase:
     """Keys every objective has."""
-    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam | classify (fine-tuning)
+    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam | rotnet | dae | vae | classify
 
 
 @dataclass
@@ -99,9 +99,37 @@ class ClassifyConfig(_ImageViews):
     label_smoothing: float = 0.1
 
 
+@dataclass
+class RotNetConfig(_ImageViews):
+    """RotNet (Gidaris et al. 2018): ``sslscale.objectives.rotnet``."""
+    name: str = "rotnet"
+    rotations_per_image: int = 4  # 4: all four turns of each image in the batch (the paper's); 1-3: seeded
+    pooling: str = "cls"  # cls | mean: what the 4-way head (and kNN) sees
+
+
+@dataclass
+class DAEConfig(_ImageViews):
+    """Denoising autoencoder (Vincent et al. 2008): ``sslscale.objectives.autoencoders``."""
+    name: str = "dae"
+    noise: str = "masking"  # masking: pixels set to black; gaussian: additive N(0, noise_level)
+    noise_level: float = 0.5  # masking: the fraction of pixels; gaussian: the std in [0, 1] units
+
+
+@dataclass
+class VAEConfig(_ImageViews):
+    """VAE (Kingma & Welling 2014): ``sslscale.objectives.autoencoders``."""
+    name: str = "vae"
+    latent_dim: int = 64
+    beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
+
+
 OBJECTIVE_SCHEMAS: dict[str, type] = {
-    "classify": ClassifyConfig, "mae": MAEConfig, "mlm": MLMConfig, "moco_v3": MoCoV3Config,
-    "simclr": SimCLRConfig, "simsiam": SimSiamConfig}
+    "classify": ClassifyConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
+    "moco_v3": MoCoV3Config, "rotnet": RotNetConfig, "simclr": SimCLRConfig,
+    "simsiam": SimSiamConfig, "vae": VAEConfig}
+# the keys of the one flat ObjectiveConfig before per-objective schemas (old saved config.yaml files)
+_FLAT_KEYS = frozenset(f.name for schema in (ClassifyConfig, MAEConfig, MLMConfig, MoCoV3Config,
+                                             SimCLRConfig, SimSiamConfig) for f in dataclasses.fields(schema))
 
 
 # -------------------------------------------------------------------------------- model families
@@ -140,8 +168,8 @@ class BertModelConfig(ModelBase):
 MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "vit": ViTModelConfig}
 # the model families each objective runs on; the first is the default (classify: from the data)
 OBJECTIVE_MODELS: dict[str, tuple[str, ...]] = {
-    "classify": ("vit", "bert"), "mae": ("vit",), "mlm": ("bert",), "moco_v3": ("vit",),
-    "simclr": ("vit",), "simsiam": ("vit",)}
+    "classify": ("vit", "bert"), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
+    "moco_v3": ("vit",), "rotnet": ("vit",), "simclr": ("vit",), "simsiam": ("vit",), "vae": ("vit",)}
 SCHEMAS = {"objective": OBJECTIVE_SCHEMAS, "model": MODEL_SCHEMAS}
 
 
@@ -252,11 +280,10 @@ def select_schemas(recipe: dict, dotted: dict, source: str) -> tuple[str, str]:
                                               | _section(dotted, "objective").keys()) else source
         raise ConfigError(f"{where}: key 'model.name' = {model!r}; objective {objective} runs on "
                           f"model {' / '.join(OBJECTIVE_MODELS[objective])}")
-    every = {f.name for schema in OBJECTIVE_SCHEMAS.values() for f in dataclasses.fields(schema)}
     written_for = _section(recipe, "objective").get("name", "mae")
     written_on = _section(recipe, "model").get("name", OBJECTIVE_MODELS.get(written_for, (None,))[0])
     lenient = set()
-    if every <= set(_section(recipe, "objective")) or (  # a flat config.yaml, or another objective
+    if _FLAT_KEYS <= set(_section(recipe, "objective")) or (  # a flat config.yaml, or another objective
             "name" in _section(dotted, "objective") and written_for != objective):
         lenient = {"objective", "model"}
     elif "name" in _section(dotted, "model") and written_on != model:
@@ -268,7 +295,9 @@ def select_schemas(recipe: dict, dotted: dict, source: str) -> tuple[str, str]:
 
 # key -> (low, high, whether high is allowed) for the objectives' fractions and probabilities
 _RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing": (0.0, 1.0, False),
-           "objective.momentum": (0.0, 1.0, True)}
+           "objective.momentum": (0.0, 1.0, True), "objective.rotations_per_image": (1, 4, True),
+           "objective.noise_level": (0.0, 1.0, True), "objective.latent_dim": (1, 1 << 20, True),
+           "objective.beta": (0.0, 1e6, True)}
 _PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
                   "objective.random_replace_prob", "objective.color_jitter_prob",
                   "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")

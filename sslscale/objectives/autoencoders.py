@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTModel
 
+from sslscale.config_schema import DAEConfig, VAEConfig
 from sslscale.data.augment import LATENT, NOISE, ViewAugment, ViewConfig, normal, random_seeds, uniform
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
@@ -224,11 +225,11 @@ class VariationalAutoencoder(_ImageAutoencoder):
         return self.encode(clean)[0]
 
 
-@OBJECTIVES.register("dae")
+@OBJECTIVES.register("dae", schema=DAEConfig)
 def build_dae(cfg) -> DenoisingAutoencoder:
     return DenoisingAutoencoder(cfg)
 
 
-@OBJECTIVES.register("vae")
+@OBJECTIVES.register("vae", schema=VAEConfig)
 def build_vae(cfg) -> VariationalAutoencoder:
     return VariationalAutoencoder(cfg)

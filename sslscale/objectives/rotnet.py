@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTModel
 
+from sslscale.config_schema import RotNetConfig
 from sslscale.data.augment import ROTATE, ViewAugment, ViewConfig, random_seeds, uniform
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
@@ -97,6 +98,6 @@ class RotNet(nn.Module):
         return self.represent(x).float()
 
 
-@OBJECTIVES.register("rotnet")
+@OBJECTIVES.register("rotnet", schema=RotNetConfig)
 def build_rotnet(cfg) -> RotNet:
     return RotNet(cfg)

@@ -1,7 +1,9 @@
 """Bitwise resume (CPU, fp32): a run killed with SIGKILL after a checkpoint and resumed with
 resume=auto logs exactly the same train/loss for every later step as an uninterrupted run, for
-ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and for MoCo v3 (momentum encoder, ZeRO-3), MLM
-(masks made in the workers, dropout) and fine-tuning (classify: labels, layer-wise lr decay). Engine state, data positions and RNG states all matter."""
+ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and on 2 ranks for MoCo v3 (momentum encoder, ZeRO-3),
+MLM (masks made in the workers, dropout), fine-tuning (classify: labels, layer-wise lr decay),
+RotNet, the denoising autoencoder and the VAE. Engine state, data positions and RNG states all
+matter."""
 
 import json
 import subprocess
@@ -76,17 +78,23 @@ def test_kill_and_resume_is_bitwise(real_shards, tmp_path, nproc, stage):
     assert weights["embeddings.patch_embeddings.projection.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("classify", 2)])
-def test_kill_and_resume_is_bitwise_for_moco_mlm_and_classify(real_shards, text_shards, tmp_path,
-                                                              objective, stage):
+OTHER_OBJECTIVES = {  # the keys each needs beyond the MAE demo recipe's model
+    "moco_v3": ["objective.projection_hidden_dim=64", "objective.projection_dim=16",
+                "objective.predictor_hidden_dim=32"],
+    "classify": ["optim.layer_decay=0.75", "objective.pooling=mean"],  # labels, smoothing, lr decay
+    "rotnet": ["objective.rotations_per_image=2"],  # rotations drawn from the sample seeds
+    "dae": ["objective.noise=gaussian"],  # per-pixel noise from the sample seeds
+    "vae": ["objective.latent_dim=8"],  # the reparameterization's epsilon from the sample seeds
+}
+
+
+@pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("classify", 2), ("rotnet", 2),
+                                             ("dae", 1), ("vae", 2)])
+def test_kill_and_resume_is_bitwise_for_every_objective(real_shards, text_shards, tmp_path, objective, stage):
     if objective == "mlm":
         run = lambda r: command(2, text_shards, r, stage, MLM_RECIPE)  # noqa: E731
-    elif objective == "classify":  # fine-tuning: labels, label smoothing, layer-wise lr decay
-        tune = ["objective.name=classify", "optim.layer_decay=0.75", "objective.pooling=mean"]
-        run = lambda r: command(2, real_shards, r, stage, extra=tune)  # noqa: E731
     else:
-        heads = ["objective.name=moco_v3", "objective.projection_hidden_dim=64",
-                 "objective.projection_dim=16", "objective.predictor_hidden_dim=32"]
-        run = lambda r: command(2, real_shards, r, stage, extra=heads)  # noqa: E731
+        extra = [f"objective.name={objective}", *OTHER_OBJECTIVES[objective]]
+        run = lambda r: command(2, real_shards, r, stage, extra=extra)  # noqa: E731
     expected, _, _ = kill_and_resume(run, tmp_path)
     assert len(set(expected.values())) > MAX_STEPS // 2  # the loss moves: the check is not vacuous
