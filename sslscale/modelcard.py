@@ -30,11 +30,12 @@ NOT_MEASURED = "not measured"
 @dataclass(frozen=True)
 class Paper:
     citation: str  # authors, title, venue
-    arxiv: str
+    arxiv: str | None  # the arXiv id, None for a paper that has none
+    doi: str | None = None
 
     @property
     def url(self) -> str:
-        return f"https://arxiv.org/abs/{self.arxiv}"
+        return f"https://arxiv.org/abs/{self.arxiv}" if self.arxiv else f"https://doi.org/{self.doi}"
 
 
 # Keyed by the exact registered objective name (``objective.name``).
@@ -49,11 +50,18 @@ PAPERS = {
                      'Transformers", ICCV 2021', "2104.02057"),
     "simsiam": Paper('Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021',
                      "2011.10566"),
+    "rotnet": Paper('Gidaris, Singh & Komodakis, "Unsupervised Representation Learning by Predicting '
+                    'Image Rotations", ICLR 2018', "1803.07728"),
+    "dae": Paper('Vincent et al., "Extracting and Composing Robust Features with Denoising '
+                 'Autoencoders", ICML 2008', None, "10.1145/1390156.1390294"),
+    "vae": Paper('Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014', "1312.6114"),
 }
 # What the published encoder leaves out, per objective (MLM keeps its head: nothing).
 _DROPPED = {"mae": "the MAE decoder", "simclr": "the projection head",
             "moco_v3": "the projector, the predictor and the momentum encoder",
-            "simsiam": "the projector and the predictor"}
+            "simsiam": "the projector and the predictor", "rotnet": "the 4-way rotation head",
+            "dae": "the patch decoder",
+            "vae": "the posterior layer (sslscale's kNN scores its mean of the pooled tokens) and the decoder"}
 # Manifest source -> (hub dataset id or datasets' packaged builder, human name) for the card's
 # ``datasets:`` and ``model-index``; an unknown source is written as it is.
 DATASETS = {"fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST"),
@@ -284,7 +292,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
     if tokens is None and value_at(series, "tokens_seen", step):
         tokens = int(value_at(series, "tokens_seen", step)[1])
     image = model.main_input_name == "pixel_values"
-    pooling = "mean" if name == "mae" else cfg.objective.get("pooling", "cls")  # mlm: none (text)
+    pooling = "mean" if name in ("mae", "dae", "vae") else cfg.objective.get("pooling", "cls")  # mlm: none
     c = model.config
     num_params = sum(p.numel() for p in model.parameters())
     arch = (f"ViT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
@@ -325,7 +333,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
         "final_loss": _fmt(loss[1]) if loss else NOT_MEASURED,
         "final_loss_step": loss[0] if loss else None,
         "eval_rows": eval_rows,
-        "pooling": pooling, "pooling_code": _POOLING[pooling][0], "pooling_text": _POOLING[pooling][1],
+        "pooling": pooling, "pooling_code": _POOLING[pooling][0], "pooling_text": _POOLING[pooling][1] + (" (then the posterior layer, not published)" if name == "vae" else ""),
         "round_trip_diff": f"{round_trip_diff:.2e}",
         "sslscale_version": sslscale_version(),
         "config_yaml": _public_config_yaml(cfg),
@@ -374,7 +382,7 @@ def render_card(facts: dict[str, Any], license: str = "apache-2.0") -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = ["sslscale", "self-supervised", facts["objective"], "vit" if facts["image"] else "bert"]
-    if facts["paper"] is not None:
+    if facts["paper"] is not None and facts["paper"].arxiv:
         tags.append(f"arxiv:{facts['paper'].arxiv}")
     data = ModelCardData(library_name="transformers", license=license, tags=tags,
                          pipeline_tag=facts["pipeline_tag"], datasets=[facts["data_id"]],
