@@ -93,7 +93,7 @@ def test_a_flat_run_config_yaml_still_loads(recipe, tmp_path):
     (SIMCLR, "objective.predictor_hidden_dim=64",
      "command line: key 'objective.predictor_hidden_dim' belongs to objective moco_v3 / simsiam, "
      "not simclr"),
-    (DEMO_RECIPE, "model.vocab_size=100", "command line: key 'model.vocab_size' belongs to model bert, not vit"),
+    (DEMO_RECIPE, "model.vocab_size=100", "command line: key 'model.vocab_size' belongs to model bert / gpt2, not vit"),
     (MLM, "model.image_size=28", "command line: key 'model.image_size' belongs to model vit, not bert"),
     (MLM, "model.name=vit", "command line: key 'model.name' = 'vit'; objective mlm runs on model bert"),
 ])
