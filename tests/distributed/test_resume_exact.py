@@ -1,8 +1,8 @@
 """Bitwise resume (CPU, fp32): a run killed with SIGKILL after a checkpoint and resumed with
 resume=auto logs exactly the same train/loss for every later step as an uninterrupted run, for
 ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and on 2 ranks for MoCo v3 (momentum encoder, ZeRO-3),
-MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels, layer-wise lr decay),
-RotNet, the denoising autoencoder and the VAE. Engine state, data positions and RNG states all
+MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels,
+layer-wise lr decay), RotNet, the denoising autoencoder and the VAE. Engine state, data positions and RNG states all
 matter."""
 
 import json

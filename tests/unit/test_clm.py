@@ -99,7 +99,8 @@ def test_decoder_gives_the_blocks_uncorrupted(text_shards):
     assert decoded["input_ids"].dtype == torch.int64 and torch.equal(decoded["input_ids"], raw)
     assert raw.shape == (8, manifest.meta["seq_len"])
     special = manifest.meta["special_tokens"]
-    assert (decoded["input_ids"][:, 0] == special["cls"]).all() and (decoded["input_ids"][:, -1] == special["sep"]).all()
+    ids = decoded["input_ids"]
+    assert (ids[:, 0] == special["cls"]).all() and (ids[:, -1] == special["sep"]).all()
     assert not (decoded["input_ids"] == special["mask"]).any()  # no MLM corruption
 
 
