@@ -281,6 +281,16 @@ def _eval_mlm(args: argparse.Namespace, out) -> int:
     return 0
 
 
+@_one_line_errors(ValueError)  # not a CLM run, image shards
+@_result_on_stdout
+def _eval_lm(args: argparse.Namespace, out) -> int:
+    from sslscale.evaluate_lm import evaluate_lm_run
+
+    print(json.dumps(evaluate_lm_run(args.run_dir, step=args.step, test_shards=args.test_shards,
+                                     max_test_samples=args.max_test_samples)), file=out)
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from sslscale.config import annotated_yaml, load_config
 
@@ -471,11 +481,11 @@ def _add_slurm_commands(sub) -> None:
         p.set_defaults(func=func)
 
 
-DESCRIPTION = ("Self-supervised pretraining of encoders (MAE, BERT-style MLM, SimCLR, MoCo v3, "
+DESCRIPTION = ("Self-supervised pretraining of encoders (MAE, BERT-style MLM, GPT-style CLM, SimCLR, MoCo v3, "
                "SimSiam) on WebDataset shards, from one CPU to many GPU nodes under Slurm.")
 
 EPILOG = """\
-a run: data prepare -> train | launch | submit -> eval knn | linear | finetune | mlm -> export | push
+a run: data prepare -> train | launch | submit -> eval knn | linear | finetune | mlm | lm -> export | push
 a recipe's keys and defaults: config show RECIPE [key=value ...]
 
 example (Fashion-MNIST: apt-get install dataset-fashion-mnist):
@@ -626,12 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
     knn.set_defaults(func=_eval_knn)
     mlm = ev.add_parser("mlm", help="held-out masked-token accuracy / perplexity vs the most-frequent-token "
                         "baseline (MLM runs)")
-    mlm.add_argument("run_dir", help=run_dir_help)
-    mlm.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-    mlm.add_argument("--test-shards", help="held-out text shards (default: run's eval.test_shards)")
-    mlm.add_argument("--max-test-samples", type=int,
-                     help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
-    mlm.set_defaults(func=_eval_mlm)
+    lm = ev.add_parser("lm", help="held-out next-token perplexity / accuracy vs the held-out unigram "
+                       "baseline (CLM runs)")
+    for p, func in ((mlm, _eval_mlm), (lm, _eval_lm)):
+        p.add_argument("run_dir", help=run_dir_help)
+        p.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+        p.add_argument("--test-shards", help="held-out text shards (default: run's eval.test_shards)")
+        p.add_argument("--max-test-samples", type=int,
+                       help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
+        p.set_defaults(func=func)
     linear = labeled_eval("linear", "linear probe of the frozen encoder: BatchNorm + linear layer "
                           "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text)",
                           "to train the probe on", "test")

@@ -2,7 +2,7 @@
 
 ``objective.name`` selects one dataclass of ``OBJECTIVE_SCHEMAS`` (each objective's builder is
 registered with it: ``OBJECTIVES.register("mae", schema=MAEConfig)``) and ``model.name`` one of
-``MODEL_SCHEMAS`` (``vit``, ``bert``), as solo-learn's per-method arguments and torchtitan's
+``MODEL_SCHEMAS`` (``vit``, ``bert``, ``gpt2``), as solo-learn's per-method arguments and torchtitan's
 per-section job config do. ``select_schemas`` picks both for a recipe and its overrides
 (inferring ``model.name`` when unset) and drops the keys of other objectives or families that
 are merely present; one set to a value of its own is a ``ConfigError`` naming its owner
@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 @dataclass
 class ObjectiveBase:
     """Keys every objective has."""
-    name: str = "mae"  # mae | mlm | simclr | moco_v3 | simsiam | rotnet | dae | vae | classify
+    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | classify
 
 
 @dataclass
@@ -49,6 +49,13 @@ class MLMConfig(ObjectiveBase):
     mlm_probability: float = 0.15
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
+
+
+@dataclass
+class CLMConfig(ObjectiveBase):
+    """GPT's causal language modeling (Radford et al. 2018, 2019): next-token cross-entropy on
+    every position of the token blocks, ``sslscale.objectives.clm``. No keys of its own."""
+    name: str = "clm"
 
 
 @dataclass
@@ -124,7 +131,7 @@ class VAEConfig(_ImageViews):
 
 
 OBJECTIVE_SCHEMAS: dict[str, type] = {
-    "classify": ClassifyConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
+    "classify": ClassifyConfig, "clm": CLMConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
     "moco_v3": MoCoV3Config, "rotnet": RotNetConfig, "simclr": SimCLRConfig,
     "simsiam": SimSiamConfig, "vae": VAEConfig}
 # the keys of the one flat ObjectiveConfig before per-objective schemas (old saved config.yaml files)
@@ -136,7 +143,7 @@ _FLAT_KEYS = frozenset(f.name for schema in (ClassifyConfig, MAEConfig, MLMConfi
 @dataclass
 class ModelBase:
     """Keys every model family has: the transformer encoder's sizes."""
-    name: str = "vit"  # vit | bert; inferred from the objective (and data) when not set
+    name: str = "vit"  # vit | bert | gpt2; inferred from the objective (and data) when not set
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -165,10 +172,21 @@ class BertModelConfig(ModelBase):
     max_position_embeddings: int = 512  # positions >= the data's seq_len
 
 
-MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "vit": ViTModelConfig}
+@dataclass
+class GPT2ModelConfig(ModelBase):
+    """GPT-2 on token blocks (transformers' ``GPT2Config``: ``hidden_size`` -> ``n_embd``,
+    ``num_hidden_layers`` -> ``n_layer``, ``num_attention_heads`` -> ``n_head``,
+    ``intermediate_size`` -> ``n_inner``, ``max_position_embeddings`` -> ``n_positions``); the
+    defaults are GPT-2 small's (124M parameters with a 50,257-token vocabulary)."""
+    name: str = "gpt2"
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size (the data's manifest)
+    max_position_embeddings: int = 1024  # positions >= the data's seq_len
+
+
+MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "gpt2": GPT2ModelConfig, "vit": ViTModelConfig}
 # the model families each objective runs on; the first is the default (classify: from the data)
 OBJECTIVE_MODELS: dict[str, tuple[str, ...]] = {
-    "classify": ("vit", "bert"), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
+    "classify": ("vit", "bert"), "clm": ("gpt2",), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
     "moco_v3": ("vit",), "rotnet": ("vit",), "simclr": ("vit",), "simsiam": ("vit",), "vae": ("vit",)}
 SCHEMAS = {"objective": OBJECTIVE_SCHEMAS, "model": MODEL_SCHEMAS}
 
@@ -219,7 +237,8 @@ def _infer_model(objective: str, recipe: dict, dotted: dict) -> str:
     """The model family of a config that does not name one: the objective's only family; for
     ``classify``, ``bert`` on text shards (``data.train_shards``' manifest), else the family of
     the objective the recipe was written for (a pretraining run's config.yaml being fine-tuned),
-    else ``bert`` when a key only BERT has is set away from its default, else ``vit``."""
+    else ``bert`` when a text model's key (one ``vit`` lacks) is set away from its default, else
+    ``vit``."""
     families = OBJECTIVE_MODELS[objective]
     if len(families) == 1:
         return families[0]
@@ -232,7 +251,8 @@ def _infer_model(objective: str, recipe: dict, dotted: dict) -> str:
         return OBJECTIVE_MODELS[previous][0]
     for node in (dotted, recipe):
         for key, value in _section(node, "model").items():
-            if owners("model", key) == ["bert"] and value not in default_of("model", key):
+            if owners("model", key) and "vit" not in owners("model", key) \
+                    and value not in default_of("model", key):
                 return "bert"
     return families[0]
 

@@ -1,5 +1,5 @@
 """Evaluation of frozen encoders: weighted kNN classification on labeled shards (images), and
-held-out masked-token accuracy / perplexity (text).
+held-out masked-token accuracy / perplexity (text; causal LMs: ``sslscale.evaluate_lm``).
 
 The kNN protocol follows Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination" (InstDisc, CVPR 2018) as used by DINO (Caron et al. 2021,
@@ -210,8 +210,9 @@ def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
 
 
 def run_modality(cfg) -> str:
-    """``text`` for runs of a BERT (MLM, fine-tuning on text), ``image`` for a ViT's."""
-    return "text" if cfg.model.name == "bert" else "image"
+    """``text`` for runs of a BERT (MLM, fine-tuning on text) or a GPT-2 (CLM), ``image`` for a
+    ViT's."""
+    return "text" if cfg.model.name in ("bert", "gpt2") else "image"
 
 
 def labeled_manifests(cfg, train_shards: str | None, test_shards: str | None) -> tuple[Manifest, Manifest]:
@@ -239,10 +240,15 @@ def _check_shards(manifest: Manifest, key: str, modality: str) -> None:
                          f"evaluation needs {modality} shards")
 
 
-def _load_run(run_dir: str, step: int | None, mlm: bool = False):
-    """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint,
-    ``ValueError`` naming ``sslscale eval knn`` when ``mlm`` (masked-token evaluation) is asked
-    of a run that is not MLM."""
+# The held-out language-model evaluation of each text objective: its objective -> CLI command.
+_LM_EVALS = {"mlm": "sslscale eval mlm", "clm": "sslscale eval lm"}
+
+
+def _load_run(run_dir: str, step: int | None, kind: str | None = None):
+    """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint.
+    ``kind`` (``mlm``: masked-token evaluation, ``clm``: next-token evaluation) must be the
+    run's objective, else ``ValueError`` naming the evaluation that fits the run (``eval lm`` /
+    ``eval mlm`` for the other language model, ``eval knn`` / ``eval linear`` otherwise)."""
     from pathlib import Path
 
     from sslscale import checkpoint
@@ -252,9 +258,11 @@ def _load_run(run_dir: str, step: int | None, mlm: bool = False):
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sslscale run directory)")
     cfg = load_config(config_path)
-    if mlm and cfg.objective.name != "mlm":
-        raise ValueError(f"{run_dir} is not an MLM run (objective {cfg.objective.name}); use "
-                         f"`sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
+    if kind is not None and cfg.objective.name != kind:
+        fits = (f"`{_LM_EVALS[cfg.objective.name]} {run_dir}`" if cfg.objective.name in _LM_EVALS
+                else f"`sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
+        raise ValueError(f"{run_dir} is not a{'n MLM' if kind == 'mlm' else ' CLM'} run (objective "
+                         f"{cfg.objective.name}); use {fits}")
     folder = (checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(step) if step is not None
               else checkpoint.find_latest(run_dir))
     if folder is None or not checkpoint.is_complete(folder):
@@ -326,7 +334,7 @@ def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str 
     from sslscale.objectives import build_objective
     from sslscale.data.shards import load_manifest_for
 
-    cfg, folder = _load_run(run_dir, step, mlm=True)
+    cfg, folder = _load_run(run_dir, step, kind="mlm")
     held_out = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
     _check_shards(held_out, "eval.test_shards", "text")
     objective = build_objective(cfg)

@@ -24,8 +24,14 @@ Two writers live here:
     ``AutoModel`` (a ``BertModel`` from the same weights under ``bert.``),
     ``AutoModelForMaskedLM`` and ``pipeline("fill-mask")`` all load trained weights. Training
     runs the head on the masked positions only; the head is per position, so the full-sequence
-    head of the export computes the same logits there.
-  * Every published ViT / BERT carries a fixed **identity pooler** (``pooler.dense`` = I, bias
+    head of the export computes the same logits there. CLM's ``GPT2Model`` is published with its
+    LM head, as the ``GPT2LMHeadModel`` it is trained in (the head tied to the token embeddings,
+    as GPT-2), so ``AutoModel`` loads the ``GPT2Model``, ``AutoModelForCausalLM`` and
+    ``pipeline("text-generation")`` the language model; its config carries the tokenizer's
+    ``[CLS]`` / ``[SEP]`` / ``[PAD]`` as bos / eos / pad (generation stops at a document's end)
+    and its tokenizer is saved without ``token_type_ids`` (GPT-2 would add the embedding of
+    token 0 to every position for them). GPT-2 has no pooler.
+  * Every published ViT / BERT (not GPT-2) carries a fixed **identity pooler** (``pooler.dense`` = I, bias
     0): ``AutoModel`` and the pipelines build a pooler whatever the config says, and without
     saved weights it would be random on every load. ViTs get ``pooler_act="linear"``, so
     ``pooler_output`` is the final-norm CLS token (``last_hidden_state[:, 0]``, what
@@ -50,8 +56,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import (AutoImageProcessor, AutoModel, AutoModelForMaskedLM, AutoTokenizer,
-                          BertForMaskedLM, BertModel, PreTrainedModel, ViTConfig, ViTMAEModel, ViTModel)
+from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+                          AutoTokenizer, BertForMaskedLM, BertModel, GPT2LMHeadModel, GPT2Model,
+                          PreTrainedModel, ViTConfig, ViTMAEModel, ViTModel)
 from transformers.models.bert.modeling_bert import BertPooler
 from transformers.models.vit.modeling_vit import ViTPooler
 
@@ -59,6 +66,7 @@ from transformers.models.vit.modeling_vit import ViTPooler
 _VIT_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
                "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "qkv_bias")
+_GPT2 = (GPT2Model, GPT2LMHeadModel)  # no pooler, no token_type_ids
 ROUND_TRIP_ATOL = 1e-5  # max |difference| of last_hidden_state, fp32
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> "L"
 # Fixed sentences for the text round trip (any text works; these exercise padding lengths).
@@ -161,15 +169,17 @@ def _with_identity_pooler(model: ViTModel | BertModel) -> ViTModel | BertModel:
 def publishable_encoder(encoder: nn.Module) -> PreTrainedModel:
     """A new fp32 model in eval mode holding ``encoder``'s weights in its published form (see
     the module docstring): ``ViTMAEModel`` -> ``ViTModel``; ``ViTModel`` / ``BertModel`` copied;
-    gray ViTs get 3 input channels; all get the identity pooler. ``ExportError`` for any other
-    class."""
+    gray ViTs get 3 input channels; all get the identity pooler. A ``GPT2Model`` is copied as
+    it is (no pooler). ``ExportError`` for any other class."""
+    if isinstance(encoder, GPT2Model):
+        return copy.deepcopy(encoder).float().eval()
     if isinstance(encoder, ViTMAEModel):
         model = _vit_from_vit_mae(encoder)
     elif isinstance(encoder, (ViTModel, BertModel)):
         model = copy.deepcopy(encoder)
     else:
         raise ExportError(f"cannot publish a {type(encoder).__name__}: supported encoders are "
-                          "ViTMAEModel (MAE), ViTModel (contrastive) and BertModel (MLM)")
+                          "ViTMAEModel (MAE), ViTModel (contrastive), BertModel (MLM) and GPT2Model (CLM)")
     if is_image_encoder(model) and model.config.num_channels == 1:
         model = _gray_to_rgb(model)
     return _with_identity_pooler(model).float().eval()
@@ -183,10 +193,25 @@ def masked_lm_of(objective: nn.Module) -> BertForMaskedLM | None:
                 None)
 
 
+def causal_lm_of(objective: nn.Module) -> GPT2LMHeadModel | None:
+    """The ``GPT2LMHeadModel`` inside ``objective`` whose ``transformer`` is
+    ``objective.encoder()`` (CLM), or None (no causal LM head to publish)."""
+    encoder = objective.encoder()
+    return next((m for m in objective.modules()
+                 if isinstance(m, GPT2LMHeadModel) and m.transformer is encoder), None)
+
+
 def publishable_model(objective: nn.Module) -> PreTrainedModel:
     """What ``sslscale export`` publishes for ``objective``: its ``BertForMaskedLM`` (a copy,
     fp32, eval, the identity pooler on its ``bert``; the decoder stays tied to the word
+    embeddings) or its ``GPT2LMHeadModel`` (a copy, fp32, eval, the head tied to the token
     embeddings) when it has one, else ``publishable_encoder(objective.encoder())``."""
+    causal_lm = causal_lm_of(objective)
+    if causal_lm is not None:
+        model = copy.deepcopy(causal_lm).float().eval()
+        if model.config.tie_word_embeddings:
+            model.tie_weights()
+        return model
     masked_lm = masked_lm_of(objective)
     if masked_lm is None:
         return publishable_encoder(objective.encoder())
@@ -205,7 +230,8 @@ def save_preprocessing(model: PreTrainedModel, out_dir: Path, *, image_size: int
     [0, 1], converts to RGB and normalizes with the training ``mean`` / ``std`` ([0, 1] pixel
     units, repeated to 3 channels for gray-trained models). Text: the tokenizer saved by the
     data preparation at ``tokenizer_dir``, re-saved with ``model_max_length`` capped at the
-    model's ``max_position_embeddings``. ``ExportError`` names a missing tokenizer folder.
+    model's ``max_position_embeddings`` (GPT-2: without ``token_type_ids`` among its
+    ``model_input_names``). ``ExportError`` names a missing tokenizer folder.
     """
     if is_image_encoder(model):
         from transformers import ViTImageProcessor  # its backend is chosen (and logged) on import
@@ -221,7 +247,8 @@ def save_preprocessing(model: PreTrainedModel, out_dir: Path, *, image_size: int
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         raise ExportError(f"no tokenizer folder at {tokenizer_dir} (the MLM data preparation "
                           "saves one at <data.train_shards>/tokenizer)")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    kwargs = {"model_input_names": ["input_ids", "attention_mask"]} if isinstance(model, _GPT2) else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), **kwargs)
     tokenizer.model_max_length = min(tokenizer.model_max_length,
                                      model.config.max_position_embeddings)
     tokenizer.save_pretrained(str(out_dir))
@@ -279,11 +306,13 @@ def _image_inputs(encoder, folder: Path, image_size: int, mean, std):
 
 
 def _text_inputs(folder: Path, tokenizer_dir: Path, max_positions: int):
-    """(inputs from the training tokenizer, inputs from the exported AutoTokenizer);
-    ``ExportError`` if the two tokenize ``_SENTENCES`` differently."""
+    """(inputs from the training tokenizer, inputs from the exported AutoTokenizer), on the
+    exported tokenizer's inputs (GPT-2's: no ``token_type_ids``); ``ExportError`` if the two
+    tokenize ``_SENTENCES`` differently."""
     kwargs = dict(padding=True, truncation=True, max_length=min(64, max_positions), return_tensors="pt")
-    train = dict(AutoTokenizer.from_pretrained(str(tokenizer_dir))(list(_SENTENCES), **kwargs))
     exported = dict(AutoTokenizer.from_pretrained(str(folder))(list(_SENTENCES), **kwargs))
+    train = dict(AutoTokenizer.from_pretrained(str(tokenizer_dir))(list(_SENTENCES), **kwargs))
+    train = {k: v for k, v in train.items() if k in exported}
     if train.keys() != exported.keys() or any(not torch.equal(train[k], exported[k]) for k in train):
         raise ExportError(f"the exported tokenizer in {folder} tokenizes differently from {tokenizer_dir}")
     return train, exported
@@ -330,14 +359,17 @@ def _check_close(got: torch.Tensor, want: torch.Tensor, what: str, folder: Path,
 
 def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int | None = None,
                      mean=None, std=None, tokenizer_dir: str | Path | None = None,
-                     masked_lm: BertForMaskedLM | None = None, atol: float = ROUND_TRIP_ATOL) -> float:
+                     masked_lm: BertForMaskedLM | None = None, causal_lm: GPT2LMHeadModel | None = None,
+                     atol: float = ROUND_TRIP_ATOL) -> float:
     """Load ``folder`` fresh as a user does (``AutoModel``, fp32, pooler included, and
     ``AutoImageProcessor`` / ``AutoTokenizer``), run a fixed batch through it and through the
     training ``encoder`` (with the training normalization or tokenizer), and return the max
     absolute difference of ``last_hidden_state`` ``(B, T, D)``. Also checks that
     ``pooler_output`` ``(B, D)`` is the (identity-pooled) CLS token, and with ``masked_lm`` (the
     training ``BertForMaskedLM``) that ``AutoModelForMaskedLM`` gives its head's logits
-    ``(B, T, V)`` (to ``atol`` as well). ``ExportError`` if a load would initialize any weight at random, a difference
+    ``(B, T, V)`` (to ``atol`` as well), with ``causal_lm`` (the training ``GPT2LMHeadModel``)
+    that ``AutoModelForCausalLM`` gives its LM head's logits ``(B, T, V)``; a ``GPT2Model`` has
+    no pooler to check. ``ExportError`` if a load would initialize any weight at random, a difference
     exceeds ``atol`` or shapes differ (e.g. an empty or zero export, a wrong conversion, a wrong
     normalization)."""
     folder = Path(folder)
@@ -352,13 +384,20 @@ def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int 
         out = loaded(**exported)
     want = training_features(encoder, train)
     diff = _check_close(out.last_hidden_state, want, "features", folder, atol)
-    cls = out.last_hidden_state[:, 0]
-    pooled = cls if is_image_encoder(loaded) else torch.tanh(cls)
-    _check_close(out.pooler_output, pooled, "pooler outputs (identity-pooled CLS)", folder, atol)
+    if not isinstance(loaded, _GPT2):
+        cls = out.last_hidden_state[:, 0]
+        pooled = cls if is_image_encoder(loaded) else torch.tanh(cls)
+        _check_close(out.pooler_output, pooled, "pooler outputs (identity-pooled CLS)", folder, atol)
     if masked_lm is not None:
         head = _load_without_new_weights(AutoModelForMaskedLM, folder)
         with torch.no_grad():
             logits = head(**exported).logits
             want_logits = masked_lm.float().eval().cls(want)
         _check_close(logits, want_logits, "MLM logits", folder, atol)
+    if causal_lm is not None:
+        head = _load_without_new_weights(AutoModelForCausalLM, folder)
+        with torch.no_grad():
+            logits = head(**exported).logits
+            want_logits = causal_lm.float().eval().lm_head(want)
+        _check_close(logits, want_logits, "LM logits", folder, atol)
     return diff

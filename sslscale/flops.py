@@ -8,6 +8,8 @@ papers' compute actually runs (not "6 x parameters x tokens", which is wrong for
 - MLM (BERT, arXiv 1810.04805, head as NVIDIA's dense_seq_output / MosaicBERT): the encoder on
   every position, the prediction head (transform + vocabulary projection) on the masked
   positions only.
+- CLM (GPT, Radford et al. 2018/2019): the decoder on every position and the LM head
+  (vocabulary projection, tied to the embeddings) on every position too.
 - Two-view objectives (SimCLR arXiv 2002.05709, MoCo v3 arXiv 2104.02057, SimSiam arXiv
   2011.10566): both views through encoder and heads, MoCo's momentum encoder + projector forward
   only, and the contrastive logits against all gathered columns.
@@ -118,6 +120,19 @@ def mlm_flops_per_sample(cfg, *, seq_len: int, vocab_size: int,
     return TRAIN * (encoder + head)
 
 
+def clm_flops_per_sample(cfg, *, seq_len: int, vocab_size: int) -> float:
+    """Training FLOPs per block of causal language modeling (``GPT2LMHeadModel``): the
+    transformer on all ``seq_len`` positions (full ``T^2`` attention, as the kernels compute it,
+    causal mask or not) and the vocabulary projection on all of them. Raises ``ValueError``
+    for ``seq_len < 1`` or ``vocab_size < 1``."""
+    if seq_len < 1 or vocab_size < 1:
+        raise ValueError(f"clm_flops_per_sample: seq_len={seq_len} and vocab_size={vocab_size} "
+                         "must be >= 1")
+    m = cfg.model
+    decoder = transformer_flops(seq_len, m.hidden_size, m.intermediate_size, m.num_hidden_layers)
+    return TRAIN * (decoder + linear_flops(seq_len, m.hidden_size, vocab_size))
+
+
 def _vit_flops(m) -> float:
     """Training FLOPs of the patch embedding + ViT encoder on all ``N + 1`` tokens."""
     n, patch_dim = _patches(m)
@@ -179,13 +194,16 @@ def two_view_flops_per_sample(cfg, *, columns: int) -> float:
 
 def flops_per_sample(cfg, **data) -> float:
     """Training FLOPs per sample for ``cfg.objective.name``; ``data`` holds what the data decides:
-    ``seq_len``, ``vocab_size`` (and optionally ``masked_per_sample``) for MLM, ``columns`` for
+    ``seq_len``, ``vocab_size`` (and optionally ``masked_per_sample``) for MLM (CLM: ``seq_len``,
+    ``vocab_size``), ``columns`` for
     two-view objectives. Raises ``ValueError`` naming ``objective.name`` if unknown."""
     name = cfg.objective.name
     if name == "mae":
         return mae_flops_per_sample(cfg)
     if name == "mlm":
         return mlm_flops_per_sample(cfg, **data)
+    if name == "clm":
+        return clm_flops_per_sample(cfg, **data)
     if name in ("simclr", "moco_v3", "simsiam"):
         return two_view_flops_per_sample(cfg, **data)
     if name == "classify":
@@ -195,7 +213,7 @@ def flops_per_sample(cfg, **data) -> float:
     if name in ("dae", "vae"):
         return autoencoder_flops_per_sample(cfg)
     raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
-                     "(known: mae, mlm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae)")
+                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae)")
 
 
 def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
@@ -206,8 +224,13 @@ def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
     (a host sync: call it on logging steps), ``vocab_size`` from the argument or
     ``model.vocab_size``. Two-view: ``columns`` = ``B x world_size`` with
     ``objective.negatives=global``, else ``B``. Raises ``ValueError`` for an MLM batch without
-    a known vocabulary size."""
+    a known vocabulary size. CLM: ``seq_len`` from ``input_ids`` (no host sync)."""
     name = cfg.objective.name
+    if name == "clm":
+        vocab = vocab_size or cfg.model.vocab_size
+        if not vocab:
+            raise ValueError("flops_per_sample_of_batch: pass vocab_size (model.vocab_size is 0)")
+        return clm_flops_per_sample(cfg, seq_len=batch["input_ids"].shape[1], vocab_size=vocab)
     if name == "mlm":
         ids, labels = batch["input_ids"], batch["labels"]
         vocab = vocab_size or cfg.model.vocab_size

@@ -3,11 +3,11 @@
 
 Export restores the objective from the checkpoint's DeepSpeed state (``load_module_state``:
 ZeRO-3 shards consolidated to fp32), converts it to the published form
-(``sslscale.export.publishable_model``: the encoder, MLM with its trained head, an identity
+(``sslscale.export.publishable_model``: the encoder, MLM and CLM with their trained heads, an identity
 pooler), writes ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` or the
 tokenizer files + ``README.md`` into a temporary folder next to ``--out``, checks that the
 folder loaded fresh with the Auto classes creates no random weight and reproduces the training
-model's features (and MLM logits) (``round_trip_check``), and only then renames it to ``--out``.
+model's features (and MLM or LM logits) (``round_trip_check``), and only then renames it to ``--out``.
 Its stages show as progress on stderr (``sslscale.log.progress``: a bar on a terminal, a line
 every few seconds otherwise).
 
@@ -36,8 +36,8 @@ import torch
 
 from sslscale import checkpoint
 from sslscale.data.shards import MANIFEST
-from sslscale.export import (ExportError, check_encoder_state, is_image_encoder, masked_lm_of,
-                             publishable_model, round_trip_check, save_preprocessing)
+from sslscale.export import (ExportError, causal_lm_of, check_encoder_state, is_image_encoder,
+                             masked_lm_of, publishable_model, round_trip_check, save_preprocessing)
 from sslscale.log import progress
 
 PREFLIGHT_TIMEOUT_S = 30.0  # huggingface_hub's client has no timeout: a dropped route would hang
@@ -130,7 +130,8 @@ def _write_folder(tmp: Path, run_dir: Path, cfg, folder: Path, repo_id: str | No
            else dict(tokenizer_dir=_tokenizer_dir(manifest)))
     save_preprocessing(model, tmp, **pre)
     stage(3)
-    diff = round_trip_check(objective.encoder(), tmp, masked_lm=masked_lm_of(objective), **pre)
+    diff = round_trip_check(objective.encoder(), tmp, masked_lm=masked_lm_of(objective),
+                            causal_lm=causal_lm_of(objective), **pre)
     stage(4)
     facts = card_facts(run_dir, cfg, step=step, client=_client_state(folder), marker=marker,
                        model=model, manifest=manifest,

@@ -30,12 +30,12 @@ NOT_MEASURED = "not measured"
 @dataclass(frozen=True)
 class Paper:
     citation: str  # authors, title, venue
-    arxiv: str | None  # the arXiv id, None for a paper that has none
-    doi: str | None = None
+    arxiv: str | None  # None: not on arXiv (then ``link``)
+    link: str | None = None
 
     @property
     def url(self) -> str:
-        return f"https://arxiv.org/abs/{self.arxiv}" if self.arxiv else f"https://doi.org/{self.doi}"
+        return self.link or f"https://arxiv.org/abs/{self.arxiv}"
 
 
 # Keyed by the exact registered objective name (``objective.name``).
@@ -44,6 +44,9 @@ PAPERS = {
                  "2111.06377"),
     "mlm": Paper('Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for '
                  'Language Understanding", NAACL 2019', "1810.04805"),
+    "clm": Paper('Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2), '
+                 'OpenAI 2019', None, "https://cdn.openai.com/better-language-models/"
+                 "language_models_are_unsupervised_multitask_learners.pdf"),
     "simclr": Paper('Chen et al., "A Simple Framework for Contrastive Learning of Visual '
                     'Representations", ICML 2020', "2002.05709"),
     "moco_v3": Paper('Chen, Xie & He, "An Empirical Study of Training Self-Supervised Vision '
@@ -53,7 +56,7 @@ PAPERS = {
     "rotnet": Paper('Gidaris, Singh & Komodakis, "Unsupervised Representation Learning by Predicting '
                     'Image Rotations", ICLR 2018', "1803.07728"),
     "dae": Paper('Vincent et al., "Extracting and Composing Robust Features with Denoising '
-                 'Autoencoders", ICML 2008', None, "10.1145/1390156.1390294"),
+                 'Autoencoders", ICML 2008', None, "https://doi.org/10.1145/1390156.1390294"),
     "vae": Paper('Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014', "1312.6114"),
 }
 # What the published encoder leaves out, per objective (MLM keeps its head: nothing).
@@ -170,6 +173,7 @@ def _eval_source(test_shards: str | None, train_source: str) -> str:
 # model-index tasks: (task type, task name)
 _KNN_TASK = ("image-classification", "kNN classification of frozen features")
 _MLM_TASK = ("fill-mask", "Masked Language Modeling")
+_CLM_TASK = ("text-generation", "Causal Language Modeling")
 
 
 def _mlm_rows(at) -> list[dict[str, Any]]:
@@ -186,6 +190,24 @@ def _mlm_rows(at) -> list[dict[str, Any]]:
             {"metric": "masked-token perplexity (held-out)", "value": _fmt(ppl, 2),
              "baseline": "-", "protocol": f"held-out shards{where}", "type": "perplexity", "raw": ppl,
              **common}]
+
+
+def _lm_rows(at) -> list[dict[str, Any]]:
+    """CLM: held-out next-token perplexity and accuracy beside the held-out unigram baseline."""
+    ppl, ppl_step = at("eval/clm_perplexity")
+    acc, _ = at("eval/clm_accuracy")
+    base_ppl, _ = at("eval/unigram_perplexity")
+    base_acc, _ = at("eval/unigram_accuracy")
+    tokens, _ = at("eval/num_predicted_tokens")
+    where = (f", {int(tokens):,} predicted tokens" if tokens is not None else "") + (
+        f", step {ppl_step}" if ppl_step is not None else "")
+    common = {"task": _CLM_TASK, "split": "validation", "protocol": f"held-out shards{where}"}
+    return [{"metric": "next-token perplexity (held-out)", "value": _fmt(ppl, 2),
+             "baseline": f"{_fmt(base_ppl, 2)} (the held-out tokens' own unigram distribution)",
+             "type": "perplexity", "raw": ppl, **common},
+            {"metric": "next-token accuracy (held-out)", "value": _fmt(acc),
+             "baseline": f"{_fmt(base_acc)} (always the most frequent token)", "type": "accuracy",
+             "raw": acc, **common}]
 
 
 def _knn_rows(at, run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
@@ -215,8 +237,8 @@ def _count(n: Any) -> str:
 
 def _labeled(cfg, task_name: str) -> tuple[tuple[str, str], str]:
     """The model-index task of a classification of the run's labeled data, and what one labeled
-    sample is (labeled paragraphs of ``data prepare text --labels`` for MLM runs)."""
-    if cfg.objective.name == "mlm":
+    sample is (labeled paragraphs of ``data prepare text --labels`` for MLM and CLM runs)."""
+    if cfg.model.name in ("bert", "gpt2"):
         return ("text-classification", task_name), "paragraphs"
     return ("image-classification", task_name), "images"
 
@@ -271,7 +293,8 @@ def _eval_rows(run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
         point = value_at(series, key, at_step)
         return (point[1], point[0]) if point else (None, None)
 
-    rows = _mlm_rows(at) if cfg.objective.name == "mlm" else _knn_rows(at, run_dir, cfg, step)
+    rows = (_mlm_rows(at) if cfg.objective.name == "mlm" else _lm_rows(at) if cfg.objective.name == "clm"
+            else _knn_rows(at, run_dir, cfg, step))
     return rows + _linear_rows(run_dir, cfg, step) + _finetune_rows(run_dir, cfg, step)
 
 
@@ -298,9 +321,12 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
     arch = (f"ViT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
             f"heads, MLP {c.intermediate_size}, patch {c.patch_size}, image {c.image_size}x{c.image_size}, "
             f"{c.num_channels} input channels" if image else
+            f"GPT-2: {c.n_layer} layers, hidden {c.n_embd}, {c.n_head} heads, MLP {c.n_inner or 4 * c.n_embd}, "
+            f"vocabulary {c.vocab_size}, {c.n_positions} positions" if c.model_type == "gpt2" else
             f"BERT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
             f"MLP {c.intermediate_size}, vocabulary {c.vocab_size}, {c.max_position_embeddings} positions")
     masked_lm = published_class.endswith("ForMaskedLM")
+    causal_lm = published_class.endswith(("ForCausalLM", "LMHeadModel"))
     data_id, data_name = dataset_of(manifest.source)
     eval_rows = _eval_rows(run_dir, cfg, step)
     for row in eval_rows:  # the linear probe and fine-tuning name the labeled shards they used
@@ -311,9 +337,11 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
         "model_index_name": repo_id or cfg.name, "load_id": load_id or repo_id or cfg.name,
         "name": cfg.name, "objective": name, "paper": PAPERS.get(name),
         "image": image, "published_class": published_class, "masked_lm": masked_lm,
+        "causal_lm": causal_lm,
         "pipeline_tag": ("image-feature-extraction" if image else "fill-mask" if masked_lm
+                         else "text-generation" if causal_lm
                          else "feature-extraction"),
-        "dropped": None if masked_lm else _DROPPED.get(name, "the objective's heads"), "architecture": arch,
+        "dropped": None if masked_lm or causal_lm else _DROPPED.get(name, "the objective's heads"), "architecture": arch,
         "data_id": data_id, "data_name": data_name,
         "eval_data": dataset_of(_eval_source(cfg.eval.test_shards, manifest.source)),
         "gray": image and cfg.model.num_channels == 1,
@@ -381,7 +409,8 @@ def render_card(facts: dict[str, Any], license: str = "apache-2.0") -> str:
     ``TEMPLATE``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    tags = ["sslscale", "self-supervised", facts["objective"], "vit" if facts["image"] else "bert"]
+    family = "vit" if facts["image"] else "gpt2" if facts["causal_lm"] else "bert"
+    tags = ["sslscale", "self-supervised", facts["objective"], family]
     if facts["paper"] is not None and facts["paper"].arxiv:
         tags.append(f"arxiv:{facts['paper'].arxiv}")
     data = ModelCardData(library_name="transformers", license=license, tags=tags,

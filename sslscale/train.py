@@ -57,18 +57,21 @@ def resolve_num_classes(cfg, manifest) -> None:
 
 def make_evaluator(cfg, engine, env, train_manifest):
     """A collective ``() -> metrics`` or None: for text data, masked-token accuracy and perplexity
-    on ``eval.test_shards`` (held-out text); for fine-tuning (``classify``), the head's top-1 on
+    on ``eval.test_shards`` (held-out text; ``clm``: next-token perplexity and accuracy beside
+    the unigram baseline, ``sslscale.evaluate_lm.clm_eval``); for fine-tuning (``classify``), the head's top-1 on
     ``eval.test_shards``; for other image objectives, kNN top-1 with ``eval.train_shards`` as
     the bank and ``eval.test_shards`` as the queries."""
     if train_manifest.modality == "text" and cfg.eval.test_shards and cfg.objective.name != "classify":
         from sslscale.data.stream import decoder_for
         from sslscale.evaluate import mlm_eval
+        from sslscale.evaluate_lm import clm_eval
 
         held_out = load_manifest_for("eval.test_shards", cfg.eval.test_shards)
         decode = decoder_for(cfg, held_out)
-        return lambda: mlm_eval(engine.module, held_out, decode, device=engine.device, rank=env.rank,
-                                world_size=env.world_size, batch_size=cfg.eval.batch_size,
-                                limit=cfg.eval.max_test_samples)
+        score = clm_eval if cfg.objective.name == "clm" else mlm_eval
+        return lambda: score(engine.module, held_out, decode, device=engine.device, rank=env.rank,
+                             world_size=env.world_size, batch_size=cfg.eval.batch_size,
+                             limit=cfg.eval.max_test_samples)
     if cfg.objective.name == "classify" and cfg.eval.test_shards:
         from sslscale.finetune import classify_eval
 

@@ -303,7 +303,8 @@ class Trainer:
         self._phase("step")
         self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in result.items()})
         if self.is_main:
-            kind = "mlm" if "mlm_accuracy" in result else "classify" if "top1" in result else "knn"
+            kind = ("mlm" if "mlm_accuracy" in result else "lm" if "clm_perplexity" in result
+                    else "classify" if "top1" in result else "knn")
             out = self.run_dir / "eval" / f"{kind}-{checkpoint.tag_for(self.state.step)}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             line = json.dumps({"step": self.state.step, **result})

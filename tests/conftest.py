@@ -99,6 +99,11 @@ TINY_BERT = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_att
              "optim.warmup_steps=2", "eval.batch_size=64", "eval.max_test_samples=128"]
 
 
+CLM_RECIPE = ROOT / "configs" / "demo" / "clm_gpt2_tiny_pydocs.yaml"
+# TINY_BERT's keys are the common sizes and positions, which the gpt2 family has too.
+TINY_GPT2 = TINY_BERT
+
+
 def tiny_text_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"eval.test_shards={shards['val']}",
             f"run_dir={run_dir}", *TINY_BERT, *extra]

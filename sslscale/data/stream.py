@@ -102,13 +102,18 @@ class ImageDecoder:
 
 def decoder_for(cfg, manifest: Manifest) -> Decoder:
     """The decoder for ``manifest``'s modality: labeled token blocks for fine-tuning on text
-    (``objective.name: classify``; ``sslscale.data.text.LabeledTextDecoder``), token blocks + MLM
-    masking for other text objectives (``sslscale.data.masking.MLMDecoder``), images resized to
-    ``model.image_size`` otherwise (with the manifest's image and label keys)."""
+    (``objective.name: classify``; ``sslscale.data.text.LabeledTextDecoder``), token blocks as
+    they are for causal language modeling (``clm``; ``sslscale.data.text.TokenBlockDecoder``),
+    token blocks + MLM masking for other text objectives (``sslscale.data.masking.MLMDecoder``),
+    images resized to ``model.image_size`` otherwise (with the manifest's image and label keys)."""
     if manifest.modality == "text" and cfg.objective.name == "classify":
         from sslscale.data.text import LabeledTextDecoder
 
         return LabeledTextDecoder.for_manifest(manifest)
+    if manifest.modality == "text" and cfg.objective.name == "clm":
+        from sslscale.data.text import TokenBlockDecoder
+
+        return TokenBlockDecoder.for_manifest(manifest)
     if manifest.modality == "text":
         from sslscale.data.masking import MLMDecoder
 

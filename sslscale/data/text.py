@@ -395,3 +395,27 @@ class LabeledTextDecoder:
         ids = decode_token_block(sample, self.seq_len)
         return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(),
                 "labels": read_label(sample, self.label_key), "sample_seeds": seed}
+
+
+class TokenBlockDecoder:
+    """A token block (``input_ids.npy``) -> ``{"input_ids": (L,) int64, "sample_seeds": int}``,
+    uncorrupted: the input of causal language modeling (``objective.name: clm``). Blocks are full
+    (no padding), so there is no ``attention_mask``; the ``[SEP]`` tokens inside a block are the
+    boundaries between the packed documents (and each block ends with one), which the model
+    learns to predict like any other token. ``ValueError`` as ``decode_token_block``."""
+
+    def __init__(self, seq_len: int | None = None):
+        self.seq_len = seq_len
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> "TokenBlockDecoder":
+        """``ValueError`` naming the manifest when it holds no token blocks (``meta.seq_len``)."""
+        meta = manifest.meta or {}
+        if manifest.modality != "text" or "seq_len" not in meta:
+            raise ValueError(f"{manifest.root}/manifest.json: no token blocks (modality "
+                             f"'{manifest.modality}', no meta.seq_len); prepare them with "
+                             "`sslscale data prepare text`")
+        return cls(int(meta["seq_len"]))
+
+    def __call__(self, sample: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+        return {"input_ids": decode_token_block(sample, self.seq_len), "sample_seeds": seed}

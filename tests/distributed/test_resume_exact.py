@@ -1,8 +1,8 @@
 """Bitwise resume (CPU, fp32): a run killed with SIGKILL after a checkpoint and resumed with
 resume=auto logs exactly the same train/loss for every later step as an uninterrupted run, for
 ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and on 2 ranks for MoCo v3 (momentum encoder, ZeRO-3),
-MLM (masks made in the workers, dropout), fine-tuning (classify: labels, layer-wise lr decay),
-RotNet, the denoising autoencoder and the VAE. Engine state, data positions and RNG states all
+MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels,
+layer-wise lr decay), RotNet, the denoising autoencoder and the VAE. Engine state, data positions and RNG states all
 matter."""
 
 import json
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ..conftest import (DEMO_RECIPE, MLM_RECIPE, ROOT, kill_tree, process_tree, sslscale_cmd,
+from ..conftest import (CLM_RECIPE, DEMO_RECIPE, MLM_RECIPE, ROOT, kill_tree, process_tree, sslscale_cmd,
                         tiny_overrides, tiny_text_overrides, wait_dead)
 
 pytestmark = pytest.mark.distributed
@@ -19,7 +19,7 @@ MAX_STEPS = 30
 
 
 def command(nproc, shards, run_dir, stage, recipe=DEMO_RECIPE, extra=()):
-    tiny = tiny_text_overrides if recipe == MLM_RECIPE else tiny_overrides
+    tiny = tiny_text_overrides if recipe in (MLM_RECIPE, CLM_RECIPE) else tiny_overrides
     overrides = tiny(shards, run_dir, f"deepspeed.zero_stage={stage}",
                      f"train.max_steps={MAX_STEPS}", "checkpoint.every_steps=3",
                      "eval.train_shards=null", "eval.test_shards=null", *extra)
@@ -88,11 +88,12 @@ OTHER_OBJECTIVES = {  # the keys each needs beyond the MAE demo recipe's model
 }
 
 
-@pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("classify", 2), ("rotnet", 2),
-                                             ("dae", 1), ("vae", 2)])
+@pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("clm", 2), ("classify", 2),
+                                             ("rotnet", 2), ("dae", 1), ("vae", 2)])
 def test_kill_and_resume_is_bitwise_for_every_objective(real_shards, text_shards, tmp_path, objective, stage):
-    if objective == "mlm":
-        run = lambda r: command(2, text_shards, r, stage, MLM_RECIPE)  # noqa: E731
+    if objective in ("mlm", "clm"):
+        recipe = MLM_RECIPE if objective == "mlm" else CLM_RECIPE
+        run = lambda r: command(2, text_shards, r, stage, recipe)  # noqa: E731
     else:
         extra = [f"objective.name={objective}", *OTHER_OBJECTIVES[objective]]
         run = lambda r: command(2, real_shards, r, stage, extra=extra)  # noqa: E731

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from launcher.cli import main
 from sslscale.config import ConfigError, load_config, save_config, to_dict
-from sslscale.config_schema import MODEL_SCHEMAS, OBJECTIVE_SCHEMAS
+from sslscale.config_schema import MODEL_SCHEMAS, OBJECTIVE_MODELS, OBJECTIVE_SCHEMAS
 
 from ..conftest import DEMO_RECIPE, ROOT
 
@@ -62,7 +62,7 @@ def _error(recipe, overrides) -> str:
 def test_each_recipe_resolves_to_its_flat_values_with_only_its_own_keys(recipe):
     cfg = load_config(recipe)
     name, family = cfg.objective.name, cfg.model.name
-    assert family == ("bert" if name == "mlm" else "vit")
+    assert family == OBJECTIVE_MODELS[name][0]  # mlm: bert, clm: gpt2, the image objectives: vit
     assert set(cfg.objective) == _fields(OBJECTIVE_SCHEMAS[name])  # only the objective's keys
     assert set(cfg.model) == _fields(MODEL_SCHEMAS[family])
     stated = yaml.safe_load(recipe.read_text())
@@ -93,7 +93,7 @@ def test_a_flat_run_config_yaml_still_loads(recipe, tmp_path):
     (SIMCLR, "objective.predictor_hidden_dim=64",
      "command line: key 'objective.predictor_hidden_dim' belongs to objective moco_v3 / simsiam, "
      "not simclr"),
-    (DEMO_RECIPE, "model.vocab_size=100", "command line: key 'model.vocab_size' belongs to model bert, not vit"),
+    (DEMO_RECIPE, "model.vocab_size=100", "command line: key 'model.vocab_size' belongs to model bert / gpt2, not vit"),
     (MLM, "model.image_size=28", "command line: key 'model.image_size' belongs to model vit, not bert"),
     (MLM, "model.name=vit", "command line: key 'model.name' = 'vit'; objective mlm runs on model bert"),
 ])

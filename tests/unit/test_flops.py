@@ -90,6 +90,21 @@ def test_mlm_head_on_masked_positions_matches_flop_counter():
     assert full_head - got == pytest.approx(3 * 2 * (L - K) * h * (h + V))
 
 
+def test_clm_decoder_and_head_on_every_position_match_flop_counter():
+    """GPT-2 (eager attention, Conv1D = addmm): the transformer and the LM head on all L positions."""
+    L, V = 16, 100
+    cfg = load_config(None, for_objective("clm", [*SMALL, f"model.vocab_size={V}"]))
+    assert cfg.model.name == "gpt2"
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, V, (B, L))}
+    want = counted_per_sample(build_objective(cfg), batch)
+    got = flops.flops_per_sample_of_batch(cfg, batch, world_size=2)
+    assert got == flops.flops_per_sample(cfg, seq_len=L, vocab_size=V)
+    assert got == pytest.approx(want, rel=0.01)
+    with pytest.raises(ValueError, match="seq_len=0"):
+        flops.clm_flops_per_sample(cfg, seq_len=0, vocab_size=V)
+
+
 def test_counts_read_from_a_batch():
     """What the trainer calls on a logging step: sequence length, masked count, world size."""
     cfg = load_config(None, for_objective("mlm", [*SMALL, "model.vocab_size=100"]))

@@ -16,14 +16,14 @@ def test_there_are_recipes():
     assert any(p.name == "mae_vit_tiny_fmnist.yaml" for p in RECIPES)
     assert any(p.name == "mae_vit_base_16.yaml" for p in RECIPES)
     names = {p.stem for p in RECIPES}
-    assert {"mlm_bert_tiny_pydocs", "mlm_bert_base", "simclr_vit_base_16"} <= names
+    assert {"mlm_bert_tiny_pydocs", "clm_gpt2_tiny_pydocs", "mlm_bert_base", "simclr_vit_base_16"} <= names
     assert {f"{o}_vit_tiny_fmnist" for o in ("simclr", "moco_v3", "simsiam")} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_builds(recipe):
     cfg = load_config(recipe)
-    if cfg.objective.name == "mlm" and not cfg.model.vocab_size:  # else read from the data's manifest
+    if cfg.objective.name in ("mlm", "clm") and not cfg.model.vocab_size:  # else read from the data's manifest
         cfg = load_config(recipe, ["model.vocab_size=8192"])
     with torch.device("meta"):
         objective = build_objective(cfg)
