@@ -49,9 +49,13 @@ def classify_eval(objective, manifest, *, device, rank: int = 0, world_size: int
             "majority_top1": torch.bincount(labels).max().item() / len(labels)}
 
 
-# The fine-tuning recipe by modality: MAE's (images), BERT's / ELECTRA's (text).
+# The fine-tuning recipe by modality: MAE's (images), BERT's / ELECTRA's (text). Images: crops
+# of >= 80% of the image, not the pretraining recipe's (MAE's fine-tuning crops from 8% over 100
+# epochs; at this command's budget of a few epochs, Fashion-MNIST's MAE demo encoder measured
+# 0.827 top-1 with crops from 35% and 0.863 from 80%, 1,000 steps x 256).
 RECIPES = {"image": {"objective.pooling": "mean", "objective.label_smoothing": 0.1, "optim.lr": 1e-3,
-                     "optim.layer_decay": 0.75, "optim.weight_decay": 0.05},
+                     "optim.layer_decay": 0.75, "optim.weight_decay": 0.05,
+                     "objective.crop_scale": "[0.8,1.0]"},
            "text": {"objective.pooling": "cls", "objective.label_smoothing": 0.0, "optim.lr": 2e-4,
                     "optim.layer_decay": 0.8, "optim.weight_decay": 0.01}}
 
