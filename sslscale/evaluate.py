@@ -324,25 +324,34 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     return result
 
 
-def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str | None = None,
-                     max_test_samples: int | None = None) -> dict[str, Any]:
-    """``mlm_eval`` of a run's model at ``step`` (default: latest complete checkpoint) on its
-    held-out text shards (``eval.test_shards`` unless given), in one process. Errors as
-    ``evaluate_run``."""
+def evaluate_text_run(run_dir: str, scorer, *, kind: str, label: str, step: int | None = None,
+                      test_shards: str | None = None, max_test_samples: int | None = None) -> dict[str, Any]:
+    """``scorer`` (``mlm_eval`` or ``evaluate_lm.clm_eval``) of a ``kind`` run's model at ``step``
+    (default: latest complete checkpoint) on its held-out text shards (``eval.test_shards`` unless
+    given), in one process on CPU or the first GPU; ``label`` names it in the progress display.
+    Raises ``FileNotFoundError`` for a run dir without config or checkpoint, ``ValueError`` for a
+    run of another objective (naming the evaluation that fits it) or shards that are not text."""
     from sslscale import checkpoint
+    from sslscale.data.shards import load_manifest_for
     from sslscale.data.stream import decoder_for
     from sslscale.objectives import build_objective
-    from sslscale.data.shards import load_manifest_for
 
-    cfg, folder = _load_run(run_dir, step, kind="mlm")
+    cfg, folder = _load_run(run_dir, step, kind=kind)
     held_out = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
     _check_shards(held_out, "eval.test_shards", "text")
     objective = build_objective(cfg)
     objective.load_state_dict(checkpoint.load_module_state(folder))
     result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
-    result.update(mlm_eval(objective.to(_device()), held_out, decoder_for(cfg, held_out),
-                           device=_device(), batch_size=cfg.eval.batch_size,
-                           limit=max_test_samples or cfg.eval.max_test_samples,
-                           progress=f"held-out MLM (step {result['step']})"))
+    result.update(scorer(objective.to(_device()), held_out, decoder_for(cfg, held_out),
+                         device=_device(), batch_size=cfg.eval.batch_size,
+                         limit=max_test_samples or cfg.eval.max_test_samples,
+                         progress=f"held-out {label} (step {result['step']})"))
     result["test_shards"] = held_out.root
     return result
+
+
+def evaluate_mlm_run(run_dir: str, *, step: int | None = None, test_shards: str | None = None,
+                     max_test_samples: int | None = None) -> dict[str, Any]:
+    """``mlm_eval`` of an MLM run (:func:`evaluate_text_run`, same errors)."""
+    return evaluate_text_run(run_dir, mlm_eval, kind="mlm", label="MLM", step=step,
+                             test_shards=test_shards, max_test_samples=max_test_samples)

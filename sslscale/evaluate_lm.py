@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sslscale.data.shards import Manifest
 from sslscale.data.stream import eval_batches
-from sslscale.evaluate import _device, _eval_total, _check_shards, _load_run
+from sslscale.evaluate import _eval_total, evaluate_text_run
 from sslscale.log import progress as show_progress
 
 
@@ -95,20 +95,5 @@ def evaluate_lm_run(run_dir: str, *, step: int | None = None, test_shards: str |
     first GPU. Raises ``FileNotFoundError`` for a run dir without config or checkpoint,
     ``ValueError`` for a run of another objective (naming the evaluation that fits it) or
     shards that are not text, ``ConfigError`` when no held-out shards are set."""
-    from sslscale import checkpoint
-    from sslscale.data.shards import load_manifest_for
-    from sslscale.data.stream import decoder_for
-    from sslscale.objectives import build_objective
-
-    cfg, folder = _load_run(run_dir, step, kind="clm")
-    held_out = load_manifest_for("eval.test_shards", test_shards or cfg.eval.test_shards)
-    _check_shards(held_out, "eval.test_shards", "text")
-    objective = build_objective(cfg)
-    objective.load_state_dict(checkpoint.load_module_state(folder))
-    result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1])}
-    result.update(clm_eval(objective.to(_device()), held_out, decoder_for(cfg, held_out),
-                           device=_device(), batch_size=cfg.eval.batch_size,
-                           limit=max_test_samples or cfg.eval.max_test_samples,
-                           progress=f"held-out LM (step {result['step']})"))
-    result["test_shards"] = held_out.root
-    return result
+    return evaluate_text_run(run_dir, clm_eval, kind="clm", label="LM", step=step,
+                             test_shards=test_shards, max_test_samples=max_test_samples)
