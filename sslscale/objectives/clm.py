@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from sslscale.config_schema import CLMConfig
 from sslscale.objectives.base import ObjectiveOutput
-from sslscale.objectives.mlm import vocab_size_for
+from sslscale.objectives.mlm import mean_over_tokens, vocab_size_for
 from sslscale.registry import OBJECTIVES
 
 
@@ -89,11 +89,7 @@ class CLMObjective(nn.Module):
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch.get("attention_mask")
-        hidden = self.model.transformer(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        if mask is None:
-            return hidden.mean(dim=1).float()
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)).float()
+        return mean_over_tokens(self.model.transformer(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state, mask)
 
 
 @OBJECTIVES.register("clm", schema=CLMConfig)

@@ -39,6 +39,15 @@ def vocab_size_for(cfg) -> int:
     return int(meta["vocab_size"])
 
 
+def mean_over_tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``(B, H)``: the mean of ``hidden`` ``(B, L, H)`` over the tokens ``mask`` ``(B, L)``
+    attends (all of them when None)."""
+    if mask is None:
+        return hidden.mean(dim=1).float()
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)).float()
+
+
 def bert_config(cfg) -> BertConfig:
     m = cfg.model
     return BertConfig(vocab_size=vocab_size_for(cfg), hidden_size=m.hidden_size,
@@ -96,11 +105,7 @@ class MLMObjective(nn.Module):
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch.get("attention_mask")
-        hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        if mask is None:
-            return hidden.mean(dim=1).float()
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)).float()
+        return mean_over_tokens(self.model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state, mask)
 
 
 @OBJECTIVES.register("mlm", schema=MLMConfig)
