@@ -482,7 +482,8 @@ def _add_slurm_commands(sub) -> None:
 
 
 DESCRIPTION = ("Self-supervised pretraining of encoders (MAE, BERT-style MLM, GPT-style CLM, SimCLR, MoCo v3, "
-               "SimSiam) on WebDataset shards, from one CPU to many GPU nodes under Slurm.")
+               "SimSiam, RotNet, denoising autoencoder, VAE) on WebDataset shards, from one CPU to many GPU "
+               "nodes under Slurm.")
 
 EPILOG = """\
 a run: data prepare -> train | launch | submit -> eval knn | linear | finetune | mlm | lm -> export | push
@@ -613,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_config_show)
 
     run_dir_help = "the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist"
-    ev = sub.add_parser("eval", help="evaluate a run: kNN, linear probe, fine-tuning (images) or masked tokens (text)").add_subparsers(
+    ev = sub.add_parser("eval", help="evaluate a run: kNN, linear probe, fine-tuning (images, text), masked tokens (mlm) or next tokens (lm)").add_subparsers(
         dest="action", required=True)
     def labeled_eval(name: str, help_: str, train: str, test: str) -> argparse.ArgumentParser:
         """A frozen-encoder evaluation on labeled train / test shards (kNN, linear probe)."""

@@ -164,6 +164,7 @@ _CHOICES = {
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "objective.pooling": ("cls", "mean"),
     "objective.negatives": ("global", "local"),
+    "objective.noise": ("masking", "gaussian"),
 }
 
 # key -> (comparison, bound) its value must pass; None (an Optional key left unset) passes

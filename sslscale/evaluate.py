@@ -244,11 +244,14 @@ def _check_shards(manifest: Manifest, key: str, modality: str) -> None:
 _LM_EVALS = {"mlm": "sslscale eval mlm", "clm": "sslscale eval lm"}
 
 
-def _load_run(run_dir: str, step: int | None, kind: str | None = None):
+def _load_run(run_dir: str, step: int | None, kind: str | None = None,
+              models: tuple[str, ...] | None = None):
     """``(cfg, checkpoint folder)`` of a run; ``FileNotFoundError`` without config or checkpoint.
     ``kind`` (``mlm``: masked-token evaluation, ``clm``: next-token evaluation) must be the
     run's objective, else ``ValueError`` naming the evaluation that fits the run (``eval lm`` /
-    ``eval mlm`` for the other language model, ``eval knn`` / ``eval linear`` otherwise)."""
+    ``eval mlm`` for the other language model, ``eval knn`` / ``eval linear`` otherwise);
+    ``models`` (fine-tuning: ``vit`` / ``bert``), when given, must hold the run's ``model.name``,
+    else the same ``ValueError``."""
     from pathlib import Path
 
     from sslscale import checkpoint
@@ -258,11 +261,14 @@ def _load_run(run_dir: str, step: int | None, kind: str | None = None):
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a sslscale run directory)")
     cfg = load_config(config_path)
+    fits = (f"`{_LM_EVALS[cfg.objective.name]} {run_dir}`" if cfg.objective.name in _LM_EVALS
+            else f"`sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
     if kind is not None and cfg.objective.name != kind:
-        fits = (f"`{_LM_EVALS[cfg.objective.name]} {run_dir}`" if cfg.objective.name in _LM_EVALS
-                else f"`sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
         raise ValueError(f"{run_dir} is not a{'n MLM' if kind == 'mlm' else ' CLM'} run (objective "
                          f"{cfg.objective.name}); use {fits}")
+    if models is not None and cfg.model.name not in models:
+        raise ValueError(f"{run_dir}: fine-tuning takes a {' / '.join(models)} encoder, not this run's "
+                         f"{cfg.model.name} (objective {cfg.objective.name}); use {fits}")
     folder = (checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(step) if step is not None
               else checkpoint.find_latest(run_dir))
     if folder is None or not checkpoint.is_complete(folder):

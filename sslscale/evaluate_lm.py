@@ -25,6 +25,7 @@ from sslscale.data.shards import Manifest
 from sslscale.data.stream import eval_batches
 from sslscale.evaluate import _eval_total, evaluate_text_run
 from sslscale.log import progress as show_progress
+from sslscale.objectives.clm import IGNORE
 
 
 def unigram_baseline(counts: torch.Tensor) -> tuple[float, float]:
@@ -71,10 +72,10 @@ def clm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
             dummy = {k: v[:1] for k, v in inputs.items()}
             logits, targets = objective.next_token_logits(inputs)
             logits, targets = logits.flatten(0, 1), targets.flatten()
-            sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                                 (logits.argmax(-1) == targets).sum().double(),
-                                 torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
-            hist = torch.bincount(targets, minlength=logits.shape[-1])
+            real = targets != IGNORE  # padded targets count nowhere
+            sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE).double(),
+                                 (logits.argmax(-1) == targets).sum().double(), real.sum().double()])
+            hist = torch.bincount(targets.clamp(min=0), weights=real.double(), minlength=logits.shape[-1])
             counts = hist if counts is None else counts + hist
             bar.advance(len(batch["input_ids"]))
     objective.train(was_training)

@@ -97,14 +97,15 @@ def finetune_run(run_dir: str, *, train_shards: str, test_shards: str, steps: in
     ``nproc`` local ranks each; ``overrides``: more ``key=value`` for both runs. Returns
     ``{"finetune_top1", "scratch_top1", "steps", ...}`` (only ``scratch_top1`` with
     ``from_scratch_only``) and writes it to ``RUN_DIR/eval/finetune-<step>.json``. Raises
-    ``FileNotFoundError`` (no run or checkpoint), ``ValueError`` (shards of another modality
-    than the run's), ``RuntimeError``
+    ``FileNotFoundError`` (no run or checkpoint), ``ValueError`` (a run whose model cannot
+    classify, e.g. a CLM's GPT-2, or shards of another modality than the run's), ``RuntimeError``
     naming the run that failed (its own error lines are on stderr)."""
     from launcher.local import launch
     from sslscale.checkpoint import step_of, tag_for
+    from sslscale.config_schema import OBJECTIVE_MODELS
     from sslscale.evaluate import _load_run, labeled_manifests, run_modality
 
-    cfg, folder = _load_run(run_dir, step)
+    cfg, folder = _load_run(run_dir, step, models=OBJECTIVE_MODELS["classify"])
     labeled_manifests(cfg, train_shards, test_shards)  # the run's modality, before two runs fail
     modality = run_modality(cfg)
     config = str(Path(run_dir) / "config.yaml")

@@ -43,7 +43,8 @@ def write_samples(run_dir: str, out: str | os.PathLike, *, step: int | None = No
     """Write the reconstruction grid (and the VAE's prior grid) of a run at ``step`` (default:
     the latest complete checkpoint); returns ``{"run_dir", "step", "out", "rows", ["prior_out"]}``.
     ``FileNotFoundError`` for a missing run or checkpoint, ``ValueError`` naming the objective
-    when it cannot draw pictures (not an image autoencoder) or ``num_images < 1``."""
+    when it cannot draw pictures (not an image autoencoder), ``num_images < 1`` or the shards
+    hold no image."""
     from sslscale import checkpoint
     from sslscale.data.shards import load_manifest_for
     from sslscale.data.stream import ImageDecoder, eval_batches
@@ -63,13 +64,15 @@ def write_samples(run_dir: str, out: str | os.PathLike, *, step: int | None = No
     manifest = load_manifest_for(key, shards or cfg.eval.test_shards or cfg.data.train_shards)
     decode = ImageDecoder.for_manifest(manifest, cfg.model.image_size, cfg.model.num_channels)
     batch = next(eval_batches(manifest, rank=0, world_size=1, batch_size=num_images, decode=decode,
-                              limit=num_images))
+                              limit=num_images), None)
+    if batch is None:
+        raise ValueError(f"{key} {shards or manifest.root}: no image to reconstruct")
     rows = objective.reconstruct({"pixel_values": batch["pixel_values"], "sample_seeds": batch["sample_seeds"]})
     scale = max(1, 64 // cfg.model.image_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(list(rows.values()), scale=scale).save(out)
-    result: dict[str, Any] = {"run_dir": str(run_dir), "step": int(folder.name.split("-")[1]),
+    result: dict[str, Any] = {"run_dir": str(run_dir), "step": checkpoint.step_of(folder),
                               "out": str(out), "rows": list(rows)}
     if hasattr(objective, "sample"):
         drawn = objective.sample(4 * num_images, seed=seed)

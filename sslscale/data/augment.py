@@ -62,10 +62,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def uniform(seeds: torch.Tensor, n: int, tag: int) -> torch.Tensor:
     """``(B, n)`` float32 uniforms in ``[0, 1)`` (24-bit resolution) for ``seeds`` ``(B,)`` int64:
-    a pure function of (seed, tag, column), identical on CPU and CUDA."""
-    counter = torch.arange(n, device=seeds.device, dtype=torch.int64) + ((tag & 0xFFFF) << 16)
+    a pure function of (seed, tag, column), identical on CPU and CUDA. Each tag owns 65,536
+    counter values; columns from 65,536 on (a Gaussian-noise DAE at 224 px RGB draws 301,056)
+    reuse them with their block number ``column // 65536`` hashed in, so they never run into
+    another tag's columns."""
+    column = torch.arange(n, device=seeds.device, dtype=torch.int64)
+    counter = (column & 0xFFFF) + ((tag & 0xFFFF) << 16)
     lo, hi = (seeds & _M32)[:, None], ((seeds >> 32) & _M32)[:, None]
     h = _mix32(_mix32(_mix32(counter[None, :] ^ 0x5BD1E995) ^ hi) ^ lo)
+    if n > 1 << 16:  # a size, not a value: no host sync
+        block = column >> 16
+        h = torch.where(block > 0, _mix32(h ^ _mix32(block)), h)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
@@ -122,8 +129,12 @@ def uniform_scalar(seed: int, n: int, tag: int, start: int = 0) -> list[float]:
     Python (no tensors): for data workers."""
     lo, hi = seed & _M32, (seed >> 32) & _M32
     base = (tag & 0xFFFF) << 16
-    return [(_mix32_int(_mix32_int(_mix32_int((base + i) ^ 0x5BD1E995) ^ hi) ^ lo) >> 8) / (1 << 24)
-            for i in range(start, start + n)]
+
+    def one(i: int) -> float:
+        h = _mix32_int(_mix32_int(_mix32_int((base + (i & 0xFFFF)) ^ 0x5BD1E995) ^ hi) ^ lo)
+        return (_mix32_int(h ^ _mix32_int(i >> 16)) if i >> 16 else h) >> 8
+
+    return [one(i) / (1 << 24) for i in range(start, start + n)]
 
 
 def crop_box(seed: int, tag: int, height: int, width: int, scale: Sequence[float],

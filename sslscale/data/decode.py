@@ -118,7 +118,9 @@ def _decode_jpeg(data: bytes, size: int, num_channels: int, box: BoxFn) -> np.nd
                                        min_width=-(-width // s), min_height=-(-height // s))
     except ValueError:
         return None
-    x0, y0, x1, y1 = _pixel_box(crop, width / array.shape[1], array.shape[1], array.shape[0])
+    # libjpeg scales by exactly 1/s and rounds the size up: width / decoded width is not the scale
+    scale = s if array.shape[1] == -(-width // s) else width / array.shape[1]
+    x0, y0, x1, y1 = _pixel_box(crop, scale, array.shape[1], array.shape[0])
     return array[y0:y1, x0:x1]
 
 

@@ -34,6 +34,7 @@ from sslscale.config_schema import ClassifyConfig
 from sslscale.data.augment import ViewAugment, ViewConfig
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
+from sslscale.objectives.mlm import bert_config, mean_over_tokens
 from sslscale.registry import OBJECTIVES
 
 # An encoder block's parameters: ``backbone.layers.N.`` (transformers 5) or
@@ -70,8 +71,6 @@ class ClassifyObjective(nn.Module):
         hidden = cfg.model.hidden_size
         self.modality = modality
         if modality == "text":
-            from sslscale.objectives.mlm import bert_config
-
             self.backbone = BertModel(bert_config(cfg), add_pooling_layer=False)
         else:
             self.backbone = ViTModel(vit_config(cfg), add_pooling_layer=False)
@@ -93,11 +92,7 @@ class ClassifyObjective(nn.Module):
         if self.modality == "text":
             mask = batch.get("attention_mask")
             hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-            if self.pooling == "cls":
-                return hidden[:, 0]
-            weight = torch.ones_like(batch["input_ids"]) if mask is None else mask
-            weight = weight.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+            return hidden[:, 0] if self.pooling == "cls" else mean_over_tokens(hidden, mask).to(hidden.dtype)
         x = self.transform(batch["pixel_values"], batch.get("sample_seeds"), augment=augment)
         dtype = self.backbone.embeddings.patch_embeddings.projection.weight.dtype
         hidden = self.backbone(pixel_values=x.to(dtype)).last_hidden_state

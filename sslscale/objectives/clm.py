@@ -54,16 +54,25 @@ def gpt2_config(cfg) -> GPT2Config:
                       **special_token_ids(cfg))
 
 
-def shifted_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+IGNORE = -100  # the target of a padded position: F.cross_entropy's default ignore_index
+
+
+def shifted_logits(logits: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits[:, :-1] (B, L-1, V) float32, input_ids[:, 1:] (B, L-1))``: each position's
-    prediction beside the token that follows it."""
-    return logits[:, :-1].float(), input_ids[:, 1:]
+    prediction beside the token that follows it; a padded target (``attention_mask[:, 1:] ==
+    0``) is ``IGNORE``."""
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE)
+    return logits[:, :-1].float(), targets
 
 
 class CLMObjective(nn.Module):
     """Next-token prediction on ``batch["input_ids"]`` ``(B, L)`` int64, ``L >= 2`` (optional
-    ``attention_mask`` ``(B, L)``: padded hand-built or labeled batches; training blocks have
-    none). ``forward``: the mean cross-entropy over the ``B x (L-1)`` predicted tokens (scalar),
+    ``attention_mask`` ``(B, L)``: padded hand-built or labeled batches, whose padded targets
+    count nowhere; training blocks have none). ``forward``: the mean cross-entropy over the
+    ``B x (L-1)`` predicted tokens (scalar),
     metric ``train/next_token_accuracy`` (detached, on the device: no host sync). ``features``:
     the mean of the last hidden states over attended tokens ``(B, hidden_size)``. Raises
     ``ConfigError`` (building) when the vocabulary size is unknown."""
@@ -74,14 +83,16 @@ class CLMObjective(nn.Module):
 
     def next_token_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B, L-1, vocab_size) float32, targets (B, L-1))`` of ``batch``."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        return shifted_logits(logits, batch["input_ids"])
+        mask = batch.get("attention_mask")
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        return shifted_logits(logits, batch["input_ids"], mask)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         logits, targets = self.next_token_logits(batch)
         logits, targets = logits.flatten(0, 1), targets.flatten()
-        loss = F.cross_entropy(logits, targets)
-        accuracy = (logits.detach().argmax(dim=-1) == targets).float().mean()
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+        correct = (logits.detach().argmax(dim=-1) == targets).sum()
+        accuracy = correct / (targets != IGNORE).sum().clamp(min=1)
         return ObjectiveOutput(loss=loss, metrics={"next_token_accuracy": accuracy})
 
     def encoder(self) -> nn.Module:

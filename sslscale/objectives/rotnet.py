@@ -43,9 +43,13 @@ def rotations(seeds: torch.Tensor, per_image: int) -> torch.Tensor:
 
 def rotate(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
     """Square images ``(B, C, S, S)`` each rotated counter-clockwise by ``quarter_turns`` ``(B,)``
-    x 90 degrees (``torch.rot90``; no interpolation). Integer indexing, so no host sync."""
-    turned = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(NUM_ROTATIONS)])
-    return turned[quarter_turns, torch.arange(len(images), device=images.device)]
+    x 90 degrees (``torch.rot90``'s result; no interpolation): one gather of each image's
+    pixels through the source-index map of its turn, so no host sync and no copy per turn."""
+    batch, channels, size, _ = images.shape
+    grid = torch.arange(size * size, device=images.device).view(1, 1, size, size)
+    sources = torch.cat([torch.rot90(grid, k, dims=(2, 3)) for k in range(NUM_ROTATIONS)]).flatten(1)  # (4, S*S)
+    index = sources[quarter_turns].unsqueeze(1).expand(-1, channels, -1)
+    return images.flatten(2).gather(2, index).view(batch, channels, size, size)
 
 
 class RotNet(nn.Module):

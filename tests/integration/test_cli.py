@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from ..conftest import DEMO_RECIPE, MLM_RECIPE, ROOT, sslscale_cmd, tiny_overrides
+from ..conftest import CLM_RECIPE, DEMO_RECIPE, MLM_RECIPE, ROOT, sslscale_cmd, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -183,6 +183,12 @@ def _eval_error(tmp_path, recipe, *command):
 def test_eval_mlm_of_an_image_run_names_the_right_commands(tmp_path):
     run_dir, line = _eval_error(tmp_path, DEMO_RECIPE, "mlm")
     assert line.endswith(f"use `sslscale eval knn {run_dir}` or `sslscale eval linear {run_dir}`")
+
+
+def test_eval_finetune_of_a_clm_run_is_refused_before_launching(tmp_path):
+    run_dir, line = _eval_error(tmp_path, CLM_RECIPE, "finetune", "--train-shards", "x", "--test-shards", "y")
+    assert line == (f"error: {run_dir}: fine-tuning takes a vit / bert encoder, not this run's gpt2 "
+                    f"(objective clm); use `sslscale eval lm {run_dir}`")
 
 
 def test_eval_knn_of_an_mlm_run_without_checkpoint_says_so(tmp_path):

@@ -44,6 +44,23 @@ def test_loss_is_the_shifted_cross_entropy_and_accuracy_a_device_tensor():
     assert objective.model.transformer.wte.weight.grad.abs().sum() > 0
 
 
+def test_padded_targets_count_nowhere():
+    """Right-padded rows (attention_mask 0): the loss and accuracy are those of the real tokens
+    alone, the same as the unpadded rows give."""
+    torch.manual_seed(0)
+    objective = build_objective(tiny()).eval()
+    ids = torch.randint(0, V, (2, L))
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[1, 5:] = 0
+    out = objective({"input_ids": ids, "attention_mask": mask})
+    full, short = objective({"input_ids": ids[:1]}), objective({"input_ids": ids[1:, :5]})
+    n_full, n_short = L - 1, 4
+    want = (full.loss * n_full + short.loss * n_short) / (n_full + n_short)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    want_acc = (full.metrics["next_token_accuracy"] * n_full + short.metrics["next_token_accuracy"] * n_short)
+    assert out.metrics["next_token_accuracy"].item() == pytest.approx(want_acc.item() / (n_full + n_short))
+
+
 def test_a_perfect_predictor_has_accuracy_one():
     """A block whose every next token is predictable: train a few steps, accuracy reaches 1."""
     torch.manual_seed(0)

@@ -120,6 +120,9 @@ def test_an_unknown_key_still_suggests_the_closest(tmp_path):
     assert _error(None, ["objective.mask_rato=0.5"]) == \
         "command line: unknown key 'objective.mask_rato'; did you mean 'objective.mask_ratio'?"
     assert _error(None, ["objective.momentun=0.5"]).endswith("did you mean 'objective.momentum'?")
+    dae = ROOT / "configs" / "demo" / "dae_vit_tiny_fmnist.yaml"  # a misspelled choice: at load, not on the ranks
+    assert _error(dae, ["objective.noise=gausian"]) == \
+        "command line: key 'objective.noise' = 'gausian'; expected one of ['masking', 'gaussian']"
 
 
 def test_a_run_config_reloads_for_fine_tuning(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sslscale.data import decode
-from sslscale.data.augment import CROP, crop_box, crop_boxes, sample_seed
+from sslscale.data.augment import CROP, NOISE, crop_box, crop_boxes, sample_seed, uniform, uniform_scalar
 from sslscale.data.decode import center_box, decode_crop, draft_scale, random_resized_box
 from sslscale.data.stream import ImageDecoder, decode_image
 
@@ -76,10 +76,12 @@ def test_draft_decode_is_close_to_a_full_decode(big_jpeg, box, channels, monkeyp
 @pytest.mark.parametrize("channels", [3, 1])
 def test_simplejpeg_gives_the_pixels_of_pil_at_every_scale(big_jpeg, channels):
     """The JPEG path (simplejpeg) and PIL's (draft + convert + crop) give the same array."""
-    for size, seed in ((224, 0), (224, 3), (96, 5), (600, 7)):  # scales 1/8 .. 1 of the photo
+    odd = encoded(photo(3, (1001, 777)))  # not a multiple of any DCT scale: rounded-up decodes
+    for data, size, seed in ((big_jpeg, 224, 0), (big_jpeg, 224, 3), (big_jpeg, 96, 5), (big_jpeg, 600, 7),
+                             (odd, 60, 1), (odd, 100, 2), (odd, 224, 4)):  # scales 1/8 .. 1
         box = random_resized_box(seed, (0.05, 1.0))
-        fast = decode._decode_jpeg(big_jpeg, size, channels, box)
-        slow = decode._decode_pil(big_jpeg, size, channels, box)
+        fast = decode._decode_jpeg(data, size, channels, box)
+        slow = decode._decode_pil(data, size, channels, box)
         np.testing.assert_array_equal(fast, slow[..., None] if slow.ndim == 2 else slow)
     cmyk = encoded(photo(2, (300, 200)).convert("CMYK"))  # PIL's CMYK conversion, not libjpeg's
     assert decode._decode_jpeg(cmyk, 96, 3, center_box) is None
@@ -117,6 +119,19 @@ def test_random_crops_are_a_pure_function_of_the_seed(big_jpeg):
     assert torch.equal(center, ImageDecoder(64, 3)(sample, seeds[1])["pixel_values"])
     with pytest.raises(ValueError, match="unknown crop 'middle'"):
         ImageDecoder(64, 3, crop="middle")
+
+
+def test_large_draws_stay_inside_their_tag():
+    """A tag owns 65,536 counter values: columns past them (Gaussian noise of a 224 px RGB image)
+    must not repeat the next tags' draws, and the columns below keep their values."""
+    seeds = torch.tensor([sample_seed(0, 0, k) for k in range(1, 3)])
+    big = uniform(seeds, 3 * 65536, NOISE)
+    assert torch.equal(big[:, :65536], uniform(seeds, 65536, NOISE))
+    for block in (1, 2):
+        assert not torch.equal(big[:, block * 65536:(block + 1) * 65536], uniform(seeds, 65536, NOISE + block))
+    assert (big[:, 65536:] != big[:, :-65536]).float().mean() > 0.99
+    for start in (0, 65530, 131072):
+        assert uniform_scalar(int(seeds[1]), 8, NOISE, start) == big[1, start:start + 8].tolist()
 
 
 def test_scalar_crop_box_matches_the_device_boxes():

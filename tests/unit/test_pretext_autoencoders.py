@@ -37,10 +37,11 @@ def test_rotations_are_all_four_or_distinct_seeded_draws():
 
 
 def test_rotate_turns_each_image_by_its_own_quarter_turns():
-    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
-    turned = rotate(x, torch.tensor([1, 3]))
-    assert torch.equal(turned[0], torch.rot90(x[0], 1, dims=(1, 2)))
-    assert torch.equal(turned[1], torch.rot90(x[1], 3, dims=(1, 2)))
+    x = torch.arange(5 * 3 * 4 * 4, dtype=torch.float32).view(5, 3, 4, 4)
+    turns = torch.tensor([1, 3, 0, 2, 1])
+    turned = rotate(x, turns)
+    for image, k in enumerate(turns.tolist()):
+        assert torch.equal(turned[image], torch.rot90(x[image], k, dims=(1, 2)))
 
 
 def test_rotnet_classifies_every_rotated_copy():
