@@ -17,7 +17,8 @@ papers' compute actually runs (not "6 x parameters x tokens", which is wrong for
 - Autoencoders (DAE, VAE): the encoder on all tokens, the decoder (its input embedding, the
   transformer and the pixel projection) on all patches; the VAE's posterior layer.
 - wav2vec 2.0 (arXiv 2006.11477): the convolutional feature encoder on the (padded) waveform
-  (its first layer reads the samples, which need no gradient), then per frame (49 per second
+  (with its input gradient in the first layer too: transformers' feature encoder marks the
+  waveform as requiring a gradient in training), then per frame (49 per second
   with the default strides: ``sslscale.data.masking.feature_frames``) the feature projection,
   the grouped convolutional position embedding, the transformer, the quantizer's logits, the
   two projections and the ``K + 1`` cosine logits of every frame (all frames are computed; the
@@ -176,11 +177,12 @@ def wav2vec2_flops_per_sample(cfg, num_samples: int | None = None) -> float:
     conv, length, c_in = 0.0, n, 1
     for i, (c_out, kernel, stride) in enumerate(zip(m.conv_dim, m.conv_kernel, m.conv_stride)):
         length = max((length - kernel) // stride + 1, 0)
-        conv += (PATCH_TRAIN if i == 0 else TRAIN) * linear_flops(length, c_in * kernel, c_out)
+        conv += TRAIN * linear_flops(length, c_in * kernel, c_out)
         c_in = c_out
     t, h = feature_frames(n, m.conv_kernel, m.conv_stride), m.hidden_size
     groups, entries = m.num_codevector_groups, m.num_codevector_groups * m.num_codevectors_per_group
-    per_frame = (linear_flops(t, c_in, h) + linear_flops(t, h // m.num_conv_pos_embedding_groups * m.num_conv_pos_embeddings, h)
+    k = m.num_conv_pos_embeddings  # padded by k // 2 each side: t + 1 outputs for an even k (the last dropped)
+    per_frame = (linear_flops(t, c_in, h) + linear_flops(t + 1 - k % 2, h // m.num_conv_pos_embedding_groups * k, h)
                  + linear_flops(t, c_in, entries) + linear_flops(t, entries // groups, m.codevector_dim // groups) * groups
                  + linear_flops(t, h, m.proj_codevector_dim) + linear_flops(t, m.codevector_dim, m.proj_codevector_dim)
                  + linear_flops(t, m.proj_codevector_dim, o.num_negatives + 1))
