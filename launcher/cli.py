@@ -657,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     knn = labeled_eval("knn", "weighted kNN top-1 of the frozen encoder (image runs; MLM runs on "
-                       "labeled text from data prepare text --labels section)",
+                       "labeled text from data prepare text --labels section; wav2vec2 runs on labeled "
+                       "clips, mean-pooled over their frames)",
                        "for the memory bank", "query")
     knn.add_argument("--k", type=int, help="neighbours that vote (default: run's eval.k)")
     knn.set_defaults(func=_eval_knn)
@@ -673,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
         p.set_defaults(func=func)
     linear = labeled_eval("linear", "linear probe of the frozen encoder: BatchNorm + linear layer "
-                          "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text)",
+                          "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text, "
+                          "wav2vec2 runs on labeled clips)",
                           "to train the probe on", "test")
     linear.add_argument("--epochs", type=int, default=100, help="passes over the features")
     linear.add_argument("--batch-size", type=int, default=256, help="SGD batch")
