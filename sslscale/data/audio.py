@@ -7,8 +7,8 @@ filter (:func:`resample`), cut into consecutive crops of at most ``--max-seconds
 default: whole clips) and stored as 16-bit FLAC. Labels come from the file layout: the first
 folder under its input (``sounds/en/ball.ogg`` -> language ``en``) is the class, stored as
 ``cls`` (its index in ``meta.classes``, sorted names; files directly in an input have none); the
-file's stem is its ``word`` (in the sample's ``.json``, with ``word_id``, the index in
-``meta.words``). Each class is split into train / val by a seeded shuffle (``--val-fraction``).
+file's stem is its ``word`` (in the sample's ``.json``: per-sample data stays out of the manifest,
+which costs O(shards)). Each class is split into train / val by a seeded shuffle (``--val-fraction``).
 
 Layout written to ``OUT``::
 
@@ -16,9 +16,9 @@ Layout written to ``OUT``::
     OUT/val/    shard-000000.tar ... manifest.json
 
 Each sample is ``{"__key__": "%08d", "flac": <16-bit FLAC bytes>, "cls": b"3", "json": {path,
-word, word_id, class, offset_seconds}}``; the manifest has ``modality: "audio"`` and ``meta`` =
-{split, sampling_rate, audio_format, max_seconds, num_seconds, min_num_samples, max_num_samples,
-classes, class_counts, words, labels, inputs}. Readers use :class:`AudioDecoder`.
+word, class, offset_seconds}}``; the manifest has ``modality: "audio"``, the source and license
+of a known Debian package (``KNOWN_SOURCES``) and ``meta`` = {split, sampling_rate, audio_format,
+max_seconds, num_seconds, min_num_samples, max_num_samples, classes, class_counts, labels, inputs}. Readers use :class:`AudioDecoder`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -164,8 +165,7 @@ def _split(files: list[tuple[Path, str | None]], val_fraction: float, seed: int)
     return ([f for i, f in enumerate(files) if i not in val], [f for i, f in enumerate(files) if i in val])
 
 
-def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], words: list[str],
-                      roots: list[str], sampling_rate: int, max_seconds: float | None,
+def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], roots: list[str], sampling_rate: int, max_seconds: float | None,
                       samples_per_shard: int | None, seed: int) -> Manifest:
     """Decode, crop and shard ``files`` (``(path, class)``) into ``out_dir`` in a seeded random
     order; ``ValueError`` names an undecodable file."""
@@ -179,22 +179,22 @@ def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], w
     per_shard = samples_per_shard or max(1, -(-len(pieces) // (auto_shards(len(pieces), total_bytes, MIN_TRAIN_SHARDS)
                                                                if split == "train" else 1)))
     lengths = [len(p[3]) for p in pieces]
+    class_index = {c: i for i, c in enumerate(classes)}
     with ShardWriter(out_dir, per_shard, mtime=int(time.time())) as writer:
         for i in order:
             path, cls, offset, x = pieces[i]
-            word = path.stem
-            info = {"path": str(path), "word": word, "word_id": words.index(word), "class": cls,
-                    "offset_seconds": offset / sampling_rate}
+            info = {"path": str(path), "word": path.stem, "class": cls, "offset_seconds": offset / sampling_rate}
             sample = {"__key__": f"{i:08d}", "flac": encode_flac(x, sampling_rate),
                       "json": json.dumps(info).encode()}
             if cls is not None:
-                sample["cls"] = str(classes.index(cls)).encode()
+                sample["cls"] = str(class_index[cls]).encode()
             writer.write(sample)
-        counts = [sum(p[1] == c for p in pieces) for c in classes]
+        per_class = Counter(p[1] for p in pieces)
+        counts = [per_class[c] for c in classes]
         meta = {"split": split, "sampling_rate": sampling_rate, "audio_format": "flac",
                 "max_seconds": max_seconds, "num_seconds": round(sum(lengths) / sampling_rate, 2),
                 "min_num_samples": min(lengths), "max_num_samples": max(lengths), "labels": "folder",
-                "classes": classes, "class_counts": counts, "words": words, "inputs": roots}
+                "classes": classes, "class_counts": counts, "inputs": roots}
         source, license = source_of(roots)
         return writer.close(source=source, license=license, meta=meta, modality="audio")
 
@@ -220,12 +220,11 @@ def prepare_audio(out_dir: str | os.PathLike, *, inputs: Sequence[str], max_seco
         keep = sorted(random.Random(f"sslscale-audio-limit:{seed}").sample(range(len(files)), min(limit, len(files))))
         files = [files[i] for i in keep]
     classes = sorted({c for _, c in files if c is not None})
-    words = sorted({p.stem for p, _ in files})
     train, val = _split(files, val_fraction, seed)
     if not train:
         raise ValueError(f"--val-fraction {val_fraction} leaves no training file of {len(files)}")
     splits = {"train": train, "val": val} if val else {"train": train}
-    common = dict(classes=classes, words=words, roots=[str(i) for i in inputs], sampling_rate=sampling_rate,
+    common = dict(classes=classes, roots=[str(i) for i in inputs], sampling_rate=sampling_rate,
                   max_seconds=max_seconds, samples_per_shard=samples_per_shard, seed=seed)
     manifests = {s: write_audio_split(Path(out_dir) / s, s, f, **common) for s, f in splits.items()}
     per_split = {s: {"out": m.root, "files": len(splits[s]), "samples": m.num_samples, "shards": len(m.shards),
