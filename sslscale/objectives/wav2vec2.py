@@ -97,6 +97,17 @@ def encode(model, input_values: torch.Tensor, attention_mask: torch.Tensor | Non
     return hidden, extract_features, frame_mask
 
 
+def gumbel_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` of shape ``(B, *shape)`` from each sample's seed
+    (``sslscale.data.augment.uniform``, tag ``GUMBEL``): finite everywhere (u in [2^-25, 1 - 2^-24],
+    the uniforms' own range with 0 lifted; ``u + eps`` would round the largest to 1.0 in float32)."""
+    n = 1
+    for size in shape:
+        n *= size
+    u = uniform(seeds, n, GUMBEL).clamp_min(2.0 ** -25).view(len(seeds), *shape)
+    return -torch.log(-torch.log(u))
+
+
 def codebook_perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over groups of ``exp(entropy)`` of the mean of ``probs`` ``(B, T, G, V)`` over the
     frames ``mask`` ``(B, T)`` selects (scalar float32; between G and G x V)."""
@@ -139,8 +150,7 @@ class Wav2Vec2Objective(nn.Module):
         b, t, _ = features.shape
         logits = q.weight_proj(features).float().view(b, t, q.num_groups, q.num_vars)
         if self.training:
-            u = uniform(seeds, t * q.num_groups * q.num_vars, GUMBEL).view_as(logits) + 2.0 ** -25
-            soft = F.softmax((logits - torch.log(-torch.log(u))) / self.gumbel_tau.float(), dim=-1)
+            soft = F.softmax((logits + gumbel_noise(seeds, logits.shape[1:])) / self.gumbel_tau.float(), dim=-1)
             hard = F.one_hot(soft.argmax(-1), q.num_vars).to(soft.dtype)
             choice, perplexity = hard - soft.detach() + soft, codebook_perplexity(F.softmax(logits, -1), mask)
         else:

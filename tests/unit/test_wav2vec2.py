@@ -19,7 +19,7 @@ from sslscale.data.masking import feature_frames, sample_negatives, span_mask
 from sslscale.data.shards import load_manifest
 from sslscale.data.stream import TrainStream, _open_at, decoder_for, eval_batches
 from sslscale.objectives import build_objective
-from sslscale.objectives.wav2vec2 import encode, gumbel_temperature
+from sslscale.objectives.wav2vec2 import encode, gumbel_noise, gumbel_temperature
 
 from ..conftest import TINY_W2V, W2V_RECIPE, for_objective
 
@@ -159,6 +159,21 @@ def test_encode_matches_transformers_and_the_loss_trains(audio_shards):
     assert not torch.equal(objective(other).loss, out.loss)
     features = objective.eval().features({k: batch[k] for k in ("input_values", "attention_mask")})
     assert features.shape == (8, cfg.model.hidden_size) and torch.isfinite(features).all()
+
+
+def test_gumbel_noise_is_finite_at_the_uniforms_extremes(monkeypatch):
+    """The largest uniform (1 - 2^-24) once became 1.0 (+ 2^-25 rounds up in float32): an
+    infinite logit, a NaN loss and a skipped step in about 1 micro-batch of 100."""
+    import sslscale.objectives.wav2vec2 as w2v
+
+    extremes = torch.tensor([[0.0, 1.0 - 2.0 ** -24, 0.5]])
+    monkeypatch.setattr(w2v, "uniform", lambda seeds, n, tag: extremes.expand(len(seeds), n))
+    noise = gumbel_noise(torch.zeros(2, dtype=torch.long), (3,))
+    assert noise.shape == (2, 3) and torch.isfinite(noise).all()
+    assert noise[0, 0] < noise[0, 2] < noise[0, 1]  # monotone in u
+    monkeypatch.undo()
+    many = gumbel_noise(torch.arange(64), (49, 2, 64))
+    assert torch.isfinite(many).all() and abs(many.mean().item() - 0.5772) < 0.01  # Euler's constant
 
 
 def test_gumbel_temperature_is_a_pure_function_of_the_step():
