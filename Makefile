@@ -26,9 +26,11 @@ DEMO_RUN := runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
 TEXT_DATA := data/pydocs
 TEXT_LABELED := data/pydocs-sections
+AUDIO_DATA := data/ktuberling
+KTUBERLING := /usr/share/ktuberling/sounds
 PYDOCS := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: install lock demo demo-data text-data test clean
+.PHONY: install lock demo demo-data text-data audio-data test clean
 install: $(VENV)/.installed
 
 # The same commands install $(VENV) (with $(LOCK)) and the throwaway venv that `make lock` freezes.
@@ -99,6 +101,14 @@ $(TEXT_DATA)/.ready: | $(VENV)/.installed
 
 text-data: $(TEXT_DATA)/.ready
 
+# Speech for wav2vec 2.0: Debian's ktuberling-data (~1,700 recorded words in 25 languages, GPL-2+),
+# 16 kHz mono clips with their language as the label, 20% of each language held out. Writes
+# $(AUDIO_DATA)/{train,val}.
+$(AUDIO_DATA)/.ready: | $(VENV)/.installed
+	@set -e; if [ ! -d $(KTUBERLING) ] && command -v apt-get >/dev/null; then 	  echo "installing Debian's ktuberling-data"; 	  $(SUDO) apt-get install -y -qq --no-install-recommends ktuberling-data >/dev/null 2>&1 || 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends ktuberling-data; } >/dev/null 2>&1 || true; fi; 	if [ ! -d $(KTUBERLING) ]; then echo "ktuberling-data could not be installed: no audio data"; exit 1; fi; 	rm -rf $(AUDIO_DATA); $(SSLSCALE) data prepare audio --input $(KTUBERLING) --val-fraction 0.2 --out $(AUDIO_DATA); 	touch $@
+
+audio-data: $(AUDIO_DATA)/.ready
+
 # An interrupted demo (Ctrl-C saves) resumes from the latest checkpoint in $(DEMO_RUN) (resume=auto);
 # a finished one only evaluates again. DEMO_FRESH=1 deletes $(DEMO_RUN) first. DEMO_ARGS: more
 # config overrides, e.g. a quick look: make demo DEMO_ARGS="train.max_steps=200"
@@ -114,4 +124,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs $(DEMO_DATA) $(TEXT_DATA) $(TEXT_LABELED) .pytest_cache
+	rm -rf runs $(DEMO_DATA) $(TEXT_DATA) $(TEXT_LABELED) $(AUDIO_DATA) .pytest_cache

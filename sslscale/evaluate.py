@@ -80,7 +80,12 @@ def _eval_total(manifest: Manifest, limit: int | None, world_size: int) -> int:
 @torch.no_grad()
 def labeled_decoder(manifest: Manifest, image_size: int, num_channels: int):
     """The decoder of labeled evaluation samples: ``LabeledTextDecoder`` for text shards
-    (``data prepare text --labels``), else ``ImageDecoder`` with the manifest's image / label keys."""
+    (``data prepare text --labels``), ``AudioDecoder`` for audio (whole clips up to the longest,
+    center-cropped past it, no masks), else ``ImageDecoder`` with the manifest's image / label keys."""
+    if manifest.modality == "audio":
+        from sslscale.data.audio import AudioDecoder
+
+        return AudioDecoder.for_manifest(manifest, crop="center")
     if manifest.modality == "text":
         from sslscale.data.text import LabeledTextDecoder
 
@@ -104,7 +109,7 @@ def extract_features(objective, manifest: Manifest, *, device, rank: int = 0, wo
     batches = eval_batches(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
                            decode=labeled_decoder(manifest, image_size, num_channels), limit=total)
     dummy = None  # a rank that runs out forwards one sample again so collective ZeRO-3 ops match
-    unit = "paragraphs" if manifest.modality == "text" else "images"
+    unit = {"text": "paragraphs", "audio": "clips"}.get(manifest.modality, "images")
     with show_progress(progress or "", per_rank_max, unit, enabled=bool(progress) and rank == 0) as bar:
         for _ in range(steps):
             batch = next(batches, None)
@@ -210,9 +215,9 @@ def mlm_eval(objective, manifest: Manifest, decode, *, device, rank: int = 0, wo
 
 
 def run_modality(cfg) -> str:
-    """``text`` for runs of a BERT (MLM, fine-tuning on text) or a GPT-2 (CLM), ``image`` for a
-    ViT's."""
-    return "text" if cfg.model.name in ("bert", "gpt2") else "image"
+    """``text`` for runs of a BERT (MLM, fine-tuning on text) or a GPT-2 (CLM), ``audio`` for a
+    wav2vec 2.0's, ``image`` for a ViT's."""
+    return {"bert": "text", "gpt2": "text", "wav2vec2": "audio"}.get(cfg.model.name, "image")
 
 
 def labeled_manifests(cfg, train_shards: str | None, test_shards: str | None) -> tuple[Manifest, Manifest]:

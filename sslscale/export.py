@@ -31,6 +31,10 @@ Two writers live here:
     ``[CLS]`` / ``[SEP]`` / ``[PAD]`` as bos / eos / pad (generation stops at a document's end)
     and its tokenizer is saved without ``token_type_ids`` (GPT-2 would add the embedding of
     token 0 to every position for them). GPT-2 has no pooler.
+  * wav2vec 2.0's ``Wav2Vec2Model`` (the feature encoder and transformer, without the quantizer
+    and the projections) is published as it is, with a ``Wav2Vec2FeatureExtractor`` (16 kHz,
+    zero-mean / unit-variance per clip, attention mask), so ``AutoModel`` and
+    ``pipeline("feature-extraction")`` load it. It has no pooler.
   * Every published ViT / BERT (not GPT-2) carries a fixed **identity pooler** (``pooler.dense`` = I, bias
     0): ``AutoModel`` and the pipelines build a pooler whatever the config says, and without
     saved weights it would be random on every load. ViTs get ``pooler_act="linear"``, so
@@ -56,9 +60,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                          AutoTokenizer, BertForMaskedLM, BertModel, GPT2LMHeadModel, GPT2Model,
-                          PreTrainedModel, ViTConfig, ViTMAEModel, ViTModel)
+from transformers import (AutoFeatureExtractor, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
+                          AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertModel, GPT2LMHeadModel,
+                          GPT2Model, PreTrainedModel, ViTConfig, ViTMAEModel, ViTModel,
+                          Wav2Vec2FeatureExtractor, Wav2Vec2Model)
 from transformers.models.bert.modeling_bert import BertPooler
 from transformers.models.vit.modeling_vit import ViTPooler
 
@@ -67,6 +72,7 @@ _VIT_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_h
                "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
                "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "qkv_bias")
 _GPT2 = (GPT2Model, GPT2LMHeadModel)  # no pooler, no token_type_ids
+_NO_POOLER = (*_GPT2, Wav2Vec2Model)
 ROUND_TRIP_ATOL = 1e-5  # max |difference| of last_hidden_state, fp32
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> "L"
 # Fixed sentences for the text round trip (any text works; these exercise padding lengths).
@@ -132,6 +138,11 @@ def is_image_encoder(model: PreTrainedModel) -> bool:
     return model.main_input_name == "pixel_values"
 
 
+def is_audio_encoder(model: PreTrainedModel) -> bool:
+    """True for encoders that take waveforms (``input_values``: wav2vec 2.0)."""
+    return model.main_input_name == "input_values"
+
+
 def _vit_from_vit_mae(encoder: ViTMAEModel) -> ViTModel:
     config = ViTConfig(**{k: getattr(encoder.config, k) for k in _VIT_FIELDS})
     vit = ViTModel(config, add_pooling_layer=False)
@@ -170,8 +181,8 @@ def publishable_encoder(encoder: nn.Module) -> PreTrainedModel:
     """A new fp32 model in eval mode holding ``encoder``'s weights in its published form (see
     the module docstring): ``ViTMAEModel`` -> ``ViTModel``; ``ViTModel`` / ``BertModel`` copied;
     gray ViTs get 3 input channels; all get the identity pooler. A ``GPT2Model`` is copied as
-    it is (no pooler). ``ExportError`` for any other class."""
-    if isinstance(encoder, GPT2Model):
+    it is (no pooler), a ``Wav2Vec2Model`` too. ``ExportError`` for any other class."""
+    if isinstance(encoder, (GPT2Model, Wav2Vec2Model)):
         return copy.deepcopy(encoder).float().eval()
     if isinstance(encoder, ViTMAEModel):
         model = _vit_from_vit_mae(encoder)
@@ -179,7 +190,8 @@ def publishable_encoder(encoder: nn.Module) -> PreTrainedModel:
         model = copy.deepcopy(encoder)
     else:
         raise ExportError(f"cannot publish a {type(encoder).__name__}: supported encoders are "
-                          "ViTMAEModel (MAE), ViTModel (contrastive), BertModel (MLM) and GPT2Model (CLM)")
+                          "ViTMAEModel (MAE), ViTModel (contrastive), BertModel (MLM), GPT2Model (CLM) and "
+                          "Wav2Vec2Model (wav2vec2)")
     if is_image_encoder(model) and model.config.num_channels == 1:
         model = _gray_to_rgb(model)
     return _with_identity_pooler(model).float().eval()
@@ -223,7 +235,8 @@ def publishable_model(objective: nn.Module) -> PreTrainedModel:
 
 
 def save_preprocessing(model: PreTrainedModel, out_dir: Path, *, image_size: int | None = None,
-                       mean=None, std=None, tokenizer_dir: str | Path | None = None) -> None:
+                       mean=None, std=None, tokenizer_dir: str | Path | None = None,
+                       sampling_rate: int | None = None) -> None:
     """Write what ``AutoImageProcessor`` / ``AutoTokenizer`` load next to the model.
 
     Images: a ``ViTImageProcessor`` that resizes to ``image_size`` (bilinear), rescales to
@@ -231,8 +244,15 @@ def save_preprocessing(model: PreTrainedModel, out_dir: Path, *, image_size: int
     units, repeated to 3 channels for gray-trained models). Text: the tokenizer saved by the
     data preparation at ``tokenizer_dir``, re-saved with ``model_max_length`` capped at the
     model's ``max_position_embeddings`` (GPT-2: without ``token_type_ids`` among its
-    ``model_input_names``). ``ExportError`` names a missing tokenizer folder.
+    ``model_input_names``). Audio: a ``Wav2Vec2FeatureExtractor`` at ``sampling_rate`` Hz that
+    normalizes each clip to zero mean and unit variance and returns the attention mask (what
+    ``sslscale.data.audio.AudioDecoder`` feeds the model). ``ExportError`` names a missing
+    tokenizer folder.
     """
+    if is_audio_encoder(model):
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0,
+                                 do_normalize=True, return_attention_mask=True).save_pretrained(str(out_dir))
+        return
     if is_image_encoder(model):
         from transformers import ViTImageProcessor  # its backend is chosen (and logged) on import
 
@@ -318,6 +338,24 @@ def _text_inputs(folder: Path, tokenizer_dir: Path, max_positions: int):
     return train, exported
 
 
+def _audio_inputs(folder: Path, sampling_rate: int):
+    """(training inputs, inputs from the exported AutoFeatureExtractor) for three fixed clips
+    of different lengths (seeded noise plus a tone), padded to the longest."""
+    from sslscale.data.audio import normalize
+
+    g = np.random.default_rng(0)
+    seconds = (1.0, 0.6, 0.35)
+    clips = [(0.1 * g.standard_normal(int(s * sampling_rate)) + 0.5 * np.sin(
+        2 * np.pi * 220 * np.arange(int(s * sampling_rate)) / sampling_rate)).astype(np.float32) for s in seconds]
+    n = max(len(c) for c in clips)
+    values, mask = torch.zeros(len(clips), n), torch.zeros(len(clips), n, dtype=torch.long)
+    for i, c in enumerate(clips):
+        values[i, :len(c)], mask[i, :len(c)] = torch.from_numpy(normalize(c)), 1
+    extractor = AutoFeatureExtractor.from_pretrained(str(folder))
+    exported = extractor(clips, sampling_rate=sampling_rate, padding=True, return_tensors="pt")
+    return {"input_values": values, "attention_mask": mask}, dict(exported)
+
+
 @contextlib.contextmanager
 def _quiet_loads():
     """Silence transformers' load reports (the round trip reads ``output_loading_info``)."""
@@ -360,21 +398,23 @@ def _check_close(got: torch.Tensor, want: torch.Tensor, what: str, folder: Path,
 def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int | None = None,
                      mean=None, std=None, tokenizer_dir: str | Path | None = None,
                      masked_lm: BertForMaskedLM | None = None, causal_lm: GPT2LMHeadModel | None = None,
-                     atol: float = ROUND_TRIP_ATOL) -> float:
+                     sampling_rate: int | None = None, atol: float = ROUND_TRIP_ATOL) -> float:
     """Load ``folder`` fresh as a user does (``AutoModel``, fp32, pooler included, and
-    ``AutoImageProcessor`` / ``AutoTokenizer``), run a fixed batch through it and through the
+    ``AutoImageProcessor`` / ``AutoTokenizer`` / ``AutoFeatureExtractor``), run a fixed batch through it and through the
     training ``encoder`` (with the training normalization or tokenizer), and return the max
     absolute difference of ``last_hidden_state`` ``(B, T, D)``. Also checks that
     ``pooler_output`` ``(B, D)`` is the (identity-pooled) CLS token, and with ``masked_lm`` (the
     training ``BertForMaskedLM``) that ``AutoModelForMaskedLM`` gives its head's logits
     ``(B, T, V)`` (to ``atol`` as well), with ``causal_lm`` (the training ``GPT2LMHeadModel``)
-    that ``AutoModelForCausalLM`` gives its LM head's logits ``(B, T, V)``; a ``GPT2Model`` has
-    no pooler to check. ``ExportError`` if a load would initialize any weight at random, a difference
+    that ``AutoModelForCausalLM`` gives its LM head's logits ``(B, T, V)``; a ``GPT2Model`` and
+    a ``Wav2Vec2Model`` (fixed clips at ``sampling_rate`` Hz) have no pooler to check. ``ExportError`` if a load would initialize any weight at random, a difference
     exceeds ``atol`` or shapes differ (e.g. an empty or zero export, a wrong conversion, a wrong
     normalization)."""
     folder = Path(folder)
     if is_image_encoder(encoder):
         train, exported = _image_inputs(encoder, folder, image_size, mean, std)
+    elif is_audio_encoder(encoder):
+        train, exported = _audio_inputs(folder, sampling_rate)
     elif tokenizer_dir is None:
         raise ExportError("round trip of a text encoder needs the training tokenizer folder")
     else:
@@ -384,7 +424,7 @@ def round_trip_check(encoder: nn.Module, folder: str | Path, *, image_size: int 
         out = loaded(**exported)
     want = training_features(encoder, train)
     diff = _check_close(out.last_hidden_state, want, "features", folder, atol)
-    if not isinstance(loaded, _GPT2):
+    if not isinstance(loaded, _NO_POOLER):
         cls = out.last_hidden_state[:, 0]
         pooled = cls if is_image_encoder(loaded) else torch.tanh(cls)
         _check_close(out.pooler_output, pooled, "pooler outputs (identity-pooled CLS)", folder, atol)

@@ -16,6 +16,13 @@ papers' compute actually runs (not "6 x parameters x tokens", which is wrong for
 - RotNet (arXiv 1803.07728): ``rotations_per_image`` rotated copies through encoder and head.
 - Autoencoders (DAE, VAE): the encoder on all tokens, the decoder (its input embedding, the
   transformer and the pixel projection) on all patches; the VAE's posterior layer.
+- wav2vec 2.0 (arXiv 2006.11477): the convolutional feature encoder on the (padded) waveform
+  (with its input gradient in the first layer too: transformers' feature encoder marks the
+  waveform as requiring a gradient in training), then per frame (49 per second
+  with the default strides: ``sslscale.data.masking.feature_frames``) the feature projection,
+  the grouped convolutional position embedding, the transformer, the quantizer's logits, the
+  two projections and the ``K + 1`` cosine logits of every frame (all frames are computed; the
+  loss keeps the masked ones).
 
 Conventions (those of the PaLM paper's MFU, arXiv 2204.02311, appendix B): only matrix
 multiplications count (2 FLOPs per multiply-add), attention included (``4 T^2 h`` per layer);
@@ -160,6 +167,28 @@ def autoencoder_flops_per_sample(cfg) -> float:
     return _vit_flops(m) + TRAIN * (decoder + posterior)
 
 
+def wav2vec2_flops_per_sample(cfg, num_samples: int | None = None) -> float:
+    """Training FLOPs per clip of wav2vec 2.0 on ``num_samples`` waveform samples (the padded
+    length the batch has; default ``data.max_audio_seconds`` at 16 kHz)."""
+    from sslscale.data.masking import feature_frames
+
+    m, o = cfg.model, cfg.objective
+    n = int(round(cfg.data.max_audio_seconds * 16_000)) if num_samples is None else num_samples
+    conv, length, c_in = 0.0, n, 1
+    for i, (c_out, kernel, stride) in enumerate(zip(m.conv_dim, m.conv_kernel, m.conv_stride)):
+        length = max((length - kernel) // stride + 1, 0)
+        conv += TRAIN * linear_flops(length, c_in * kernel, c_out)
+        c_in = c_out
+    t, h = feature_frames(n, m.conv_kernel, m.conv_stride), m.hidden_size
+    groups, entries = m.num_codevector_groups, m.num_codevector_groups * m.num_codevectors_per_group
+    k = m.num_conv_pos_embeddings  # padded by k // 2 each side: t + 1 outputs for an even k (the last dropped)
+    per_frame = (linear_flops(t, c_in, h) + linear_flops(t + 1 - k % 2, h // m.num_conv_pos_embedding_groups * k, h)
+                 + linear_flops(t, c_in, entries) + linear_flops(t, entries // groups, m.codevector_dim // groups) * groups
+                 + linear_flops(t, h, m.proj_codevector_dim) + linear_flops(t, m.codevector_dim, m.proj_codevector_dim)
+                 + linear_flops(t, m.proj_codevector_dim, o.num_negatives + 1))
+    return conv + TRAIN * (transformer_flops(t, h, m.intermediate_size, m.num_hidden_layers) + per_frame)
+
+
 def _mlp_flops(dims: list[int]) -> float:
     return sum(linear_flops(1, a, b) for a, b in zip(dims, dims[1:]))
 
@@ -212,8 +241,10 @@ def flops_per_sample(cfg, **data) -> float:
         return rotnet_flops_per_sample(cfg)
     if name in ("dae", "vae"):
         return autoencoder_flops_per_sample(cfg)
+    if name == "wav2vec2":
+        return wav2vec2_flops_per_sample(cfg, **data)
     raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
-                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae)")
+                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae, wav2vec2)")
 
 
 def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
@@ -243,6 +274,8 @@ def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,
         local = len(batch["pixel_values"])
         columns = local * world_size if cfg.objective.negatives == "global" else local
         return two_view_flops_per_sample(cfg, columns=columns)
+    if name == "wav2vec2":  # the padded clip length (no host sync)
+        return wav2vec2_flops_per_sample(cfg, num_samples=batch["input_values"].shape[1])
     if name == "classify" and "input_ids" in batch:  # text: the block length
         return classify_flops_per_sample(cfg, seq_len=batch["input_ids"].shape[1])
     return flops_per_sample(cfg)

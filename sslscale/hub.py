@@ -36,7 +36,7 @@ import torch
 
 from sslscale import checkpoint
 from sslscale.data.shards import MANIFEST
-from sslscale.export import (ExportError, causal_lm_of, check_encoder_state, is_image_encoder,
+from sslscale.export import (ExportError, causal_lm_of, check_encoder_state, is_audio_encoder, is_image_encoder,
                              masked_lm_of, publishable_model, round_trip_check, save_preprocessing)
 from sslscale.log import progress
 
@@ -125,9 +125,12 @@ def _write_folder(tmp: Path, run_dir: Path, cfg, folder: Path, repo_id: str | No
     model = publishable_model(objective)
     stage(2)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    image = is_image_encoder(model)
-    pre = (dict(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std) if image
-           else dict(tokenizer_dir=_tokenizer_dir(manifest)))
+    if is_image_encoder(model):
+        pre = dict(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std)
+    elif is_audio_encoder(model):
+        pre = dict(sampling_rate=int(manifest.meta["sampling_rate"]))
+    else:
+        pre = dict(tokenizer_dir=_tokenizer_dir(manifest))
     save_preprocessing(model, tmp, **pre)
     stage(3)
     diff = round_trip_check(objective.encoder(), tmp, masked_lm=masked_lm_of(objective),

@@ -58,13 +58,16 @@ PAPERS = {
     "dae": Paper('Vincent et al., "Extracting and Composing Robust Features with Denoising '
                  'Autoencoders", ICML 2008', None, "https://doi.org/10.1145/1390156.1390294"),
     "vae": Paper('Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014', "1312.6114"),
+    "wav2vec2": Paper('Baevski, Zhou, Mohamed & Auli, "wav2vec 2.0: A Framework for Self-Supervised '
+                      'Learning of Speech Representations", NeurIPS 2020', "2006.11477"),
 }
 # What the published encoder leaves out, per objective (MLM keeps its head: nothing).
 _DROPPED = {"mae": "the MAE decoder", "simclr": "the projection head",
             "moco_v3": "the projector, the predictor and the momentum encoder",
             "simsiam": "the projector and the predictor", "rotnet": "the 4-way rotation head",
             "dae": "the patch decoder",
-            "vae": "the posterior layer (sslscale's kNN scores its mean of the pooled tokens) and the decoder"}
+            "vae": "the posterior layer (sslscale's kNN scores its mean of the pooled tokens) and the decoder",
+            "wav2vec2": "the quantizer (its codebooks) and the two projections of the contrastive loss"}
 # Manifest source -> (hub dataset id or datasets' packaged builder, human name) for the card's
 # ``datasets:`` and ``model-index``; an unknown source is written as it is.
 DATASETS = {"fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST"),
@@ -72,10 +75,14 @@ DATASETS = {"fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST")
             "pydoc-topics": ("pydoc-topics", "Python's pydoc help topics"),
             "python3.11-doc": ("python3.11-doc", "Python 3.11 documentation (reST sources)"),
             "image-folder": ("imagefolder", "a local image folder"),
-            "text": ("text", "local text files")}
+            "text": ("text", "local text files"),
+            "ktuberling-data": ("ktuberling-data", "KTuberling's spoken words (Debian ktuberling-data)"),
+            "pocketsphinx-testdata": ("pocketsphinx-testdata", "PocketSphinx test recordings"),
+            "audio": ("audiofolder", "local audio files")}
 # How sslscale's evaluation pools a ViT's tokens into one vector: (code, words).
 _POOLING = {"mean": ("hidden[:, 1:].mean(dim=1)", "the mean of the patch tokens"),
-            "cls": ("hidden[:, 0]", "the CLS token")}
+            "cls": ("hidden[:, 0]", "the CLS token"),
+            "frames": ("(hidden * frames).sum(1) / frames.sum(1)", "the mean of the clip's frame states")}
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -154,6 +161,14 @@ def _saved_eval(run_dir: Path, step: int, key: str, pattern: str = "*.json") -> 
     return max(found, key=lambda f: f[:2])[2] if found else None
 
 
+def _hop(config) -> int:
+    """Waveform samples per frame of a ``Wav2Vec2Config`` (the product of its conv strides)."""
+    hop = 1
+    for stride in config.conv_stride:
+        hop *= stride
+    return hop
+
+
 def dataset_of(source: str) -> tuple[str, str]:
     """``(id, name)`` of a manifest source for the card's metadata (see ``DATASETS``)."""
     return DATASETS.get(source, (source, source))
@@ -171,7 +186,7 @@ def _eval_source(test_shards: str | None, train_source: str) -> str:
 
 
 # model-index tasks: (task type, task name)
-_KNN_TASK = ("image-classification", "kNN classification of frozen features")
+_KNN_TASK = "kNN classification of frozen features"
 _MLM_TASK = ("fill-mask", "Masked Language Modeling")
 _CLM_TASK = ("text-generation", "Causal Language Modeling")
 
@@ -217,18 +232,19 @@ def _knn_rows(at, run_dir: Path, cfg, step: int) -> list[dict[str, Any]]:
     if baseline is not None and baseline.get("step") == step:  # same protocol, same test set
         knn, knn_step = baseline["knn_top1"], step
         bank, queries = baseline.get("num_train"), baseline.get("num_test")
-    sizes = (f"a bank of {int(bank):,} labeled training images, {int(queries):,} test queries"
+    task, noun = _labeled(cfg, _KNN_TASK)
+    sizes = (f"a bank of {int(bank):,} labeled training {noun}, {int(queries):,} test queries"
              if bank is not None and queries is not None else "bank and query sizes not recorded")
     protocol = (f"weighted kNN (k={cfg.eval.k}, cosine, temperature {cfg.eval.temperature}, as in "
                 f"InstDisc / DINO) on labeled shards: {sizes}")
     if knn_step is not None:
         protocol += f", step {knn_step}"
     if baseline is not None:
-        protocol += f"; baseline: {baseline.get('num_test', '?')} test images, k={baseline.get('k', '?')}"
+        protocol += f"; baseline: {baseline.get('num_test', '?')} test {noun}, k={baseline.get('k', '?')}"
     return [{"metric": "kNN top-1", "value": _fmt(knn),
              "baseline": (f"{_fmt(baseline['random_init_knn_top1'])} (same architecture at random init)"
                           if baseline else f"{NOT_MEASURED} (run `sslscale eval knn RUN_DIR --baseline`)"),
-             "protocol": protocol, "type": "accuracy", "raw": knn, "task": _KNN_TASK, "split": "test"}]
+             "protocol": protocol, "type": "accuracy", "raw": knn, "task": task, "split": "test"}]
 
 
 def _count(n: Any) -> str:
@@ -240,6 +256,8 @@ def _labeled(cfg, task_name: str) -> tuple[tuple[str, str], str]:
     sample is (labeled paragraphs of ``data prepare text --labels`` for MLM and CLM runs)."""
     if cfg.model.name in ("bert", "gpt2"):
         return ("text-classification", task_name), "paragraphs"
+    if cfg.model.name == "wav2vec2":
+        return ("audio-classification", task_name), "clips"
     return ("image-classification", task_name), "images"
 
 
@@ -315,7 +333,8 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
     if tokens is None and value_at(series, "tokens_seen", step):
         tokens = int(value_at(series, "tokens_seen", step)[1])
     image = model.main_input_name == "pixel_values"
-    pooling = "mean" if name in ("mae", "dae", "vae") else cfg.objective.get("pooling", "cls")  # mlm: none
+    pooling = ("mean" if name in ("mae", "dae", "vae") else "frames" if name == "wav2vec2"
+               else cfg.objective.get("pooling", "cls"))  # mlm: none
     c = model.config
     num_params = sum(p.numel() for p in model.parameters())
     arch = (f"ViT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
@@ -323,6 +342,9 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
             f"{c.num_channels} input channels" if image else
             f"GPT-2: {c.n_layer} layers, hidden {c.n_embd}, {c.n_head} heads, MLP {c.n_inner or 4 * c.n_embd}, "
             f"vocabulary {c.vocab_size}, {c.n_positions} positions" if c.model_type == "gpt2" else
+            f"wav2vec 2.0: {len(c.conv_dim)} conv layers ({c.conv_dim[0]}-{c.conv_dim[-1]} channels, "
+            f"{_hop(c)}x down-sampling), {c.num_hidden_layers} transformer layers, hidden {c.hidden_size}, "
+            f"{c.num_attention_heads} heads, MLP {c.intermediate_size}, 16 kHz input" if c.model_type == "wav2vec2" else
             f"BERT: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
             f"MLP {c.intermediate_size}, vocabulary {c.vocab_size}, {c.max_position_embeddings} positions")
     masked_lm = published_class.endswith("ForMaskedLM")
@@ -336,7 +358,7 @@ def card_facts(run_dir: str | Path, cfg, *, step: int, client: dict[str, Any],
         "repo_id": repo_id, "title": repo_id or f"{cfg.name} ({name} encoder)",
         "model_index_name": repo_id or cfg.name, "load_id": load_id or repo_id or cfg.name,
         "name": cfg.name, "objective": name, "paper": PAPERS.get(name),
-        "image": image, "published_class": published_class, "masked_lm": masked_lm,
+        "image": image, "audio": model.main_input_name == "input_values", "published_class": published_class, "masked_lm": masked_lm,
         "causal_lm": causal_lm,
         "pipeline_tag": ("image-feature-extraction" if image else "fill-mask" if masked_lm
                          else "text-generation" if causal_lm
@@ -409,7 +431,8 @@ def render_card(facts: dict[str, Any], license: str = "apache-2.0") -> str:
     ``TEMPLATE``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    family = "vit" if facts["image"] else "gpt2" if facts["causal_lm"] else "bert"
+    family = ("vit" if facts["image"] else "gpt2" if facts["causal_lm"] else "wav2vec2" if facts["audio"]
+              else "bert")
     tags = ["sslscale", "self-supervised", facts["objective"], family]
     if facts["paper"] is not None and facts["paper"].arxiv:
         tags.append(f"arxiv:{facts['paper'].arxiv}")

@@ -171,9 +171,11 @@ class Trainer:
         it is skipped (``Engine.backward_step``); it adds nothing to the logged means."""
         batch = next(batches)
         self._take_data_state(batch)
-        if "attention_mask" in batch:  # host tensors: counting them costs no device sync
+        if "input_ids" not in batch:  # images, audio (its attention_mask covers waveform samples)
+            pass
+        elif "attention_mask" in batch:  # host tensors: counting them costs no device sync
             self._tokens_pending += int(batch["attention_mask"].sum())
-        elif "input_ids" in batch:
+        else:
             self._tokens_pending += batch["input_ids"].numel()
         batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
         self._last_batch = batch

@@ -176,3 +176,34 @@ def wait_dead(pids: list[int], timeout: float = 30.0) -> None:
                 break
             time.sleep(0.05)
     assert time.time() < deadline, f"processes still running after SIGKILL: {pids}"
+
+
+KTUBERLING_SOUNDS = Path("/usr/share/ktuberling/sounds")
+W2V_RECIPE = ROOT / "configs" / "demo" / "wav2vec2_tiny_ktuberling.yaml"
+# A wav2vec 2.0 small enough for a few CPU steps in seconds; same code path as the demo.
+TINY_W2V = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+            "model.intermediate_size=64", "model.conv_dim=[16,16,16,16,16,16,16]",
+            "model.num_conv_pos_embeddings=16", "model.num_conv_pos_embedding_groups=4",
+            "model.num_codevectors_per_group=16", "model.codevector_dim=32", "model.proj_codevector_dim=32",
+            "objective.num_negatives=10", "data.max_audio_seconds=0.6", "train.global_batch_size=16",
+            "train.micro_batch_size=8", "train.log_every=1", "data.num_workers=1", "data.num_streams=4",
+            "data.shuffle_buffer=64", "optim.warmup_steps=2", "eval.batch_size=64"]
+
+
+@pytest.fixture(scope="session")
+def audio_shards(tmp_path_factory) -> dict[str, Path]:
+    """Real speech: 96 of Debian ktuberling-data's recorded words (a seeded draw over its 25
+    languages) as 16 kHz clips labeled by language: ``train`` (~77 clips, 4 shards) and ``val``
+    (20% of each language). Skips without ktuberling-data."""
+    from sslscale.data.audio import prepare_audio
+
+    if not KTUBERLING_SOUNDS.is_dir():
+        pytest.skip("ktuberling-data is not installed (apt-get install ktuberling-data)")
+    root = tmp_path_factory.mktemp("audio")
+    prepare_audio(root, inputs=[str(KTUBERLING_SOUNDS)], val_fraction=0.2, limit=96, samples_per_shard=20)
+    return {"train": root / "train", "val": root / "val"}
+
+
+def tiny_audio_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.train_shards={shards['train']}", f"eval.train_shards={shards['train']}",
+            f"eval.test_shards={shards['val']}", f"run_dir={run_dir}", *TINY_W2V, *extra]

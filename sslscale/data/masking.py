@@ -164,3 +164,78 @@ class MLMDecoder:
         from sslscale.data.text import decode_token_block
 
         return self.mask_block(decode_token_block(sample, self.seq_len).numpy(), seed)
+
+
+# ------------------------------------------------------------------ wav2vec 2.0 (speech)
+def feature_frames(num_samples: int, conv_kernel, conv_stride) -> int:
+    """Frames the convolutional feature encoder makes of ``num_samples`` waveform samples (each
+    layer ``floor((L - kernel) / stride) + 1``, transformers' ``_get_feat_extract_output_lengths``);
+    0 when the clip is shorter than the receptive field."""
+    length = num_samples
+    for kernel, stride in zip(conv_kernel, conv_stride):
+        length = (length - kernel) // stride + 1 if length >= kernel else 0
+    return max(length, 0)
+
+
+def span_mask(rng: np.random.Generator, num_frames: int, total_frames: int, mask_prob: float,
+              mask_length: int, min_masks: int = 0) -> np.ndarray:
+    """wav2vec 2.0's time mask (Baevski et al. 2020, §3.1 / §4.2; transformers'
+    ``_compute_mask_indices`` for one clip, drawn from ``rng``): ``int(mask_prob * num_frames /
+    mask_length + U(0, 1))`` spans (at least ``min_masks``; at most what fits) of ``mask_length``
+    frames start at distinct positions drawn uniformly from the clip's ``num_frames`` valid frames;
+    spans may overlap. Returns bool ``(total_frames,)``, False on the padding frames."""
+    mask = np.zeros(total_frames, dtype=bool)
+    starts_available = num_frames - (mask_length - 1)
+    spans = max(int(mask_prob * num_frames / mask_length + rng.random()), min_masks)
+    spans = min(spans, num_frames // mask_length, max(starts_available, 0))
+    if spans <= 0:
+        return mask
+    for start in rng.choice(starts_available, spans, replace=False):
+        mask[start:start + mask_length] = True
+    return mask
+
+
+def sample_negatives(rng: np.random.Generator, mask: np.ndarray, num_negatives: int) -> np.ndarray:
+    """Distractors of each masked frame (§3.2: "uniformly sampled from other masked time steps of
+    the same utterance"; with replacement, never the frame itself, as transformers'
+    ``_sample_negative_indices``): int64 ``(T, num_negatives)`` frame indices into the clip;
+    rows of unmasked frames, and of a clip with one masked frame, point at the frame itself
+    (the loss ignores distractors equal to the positive)."""
+    total = len(mask)
+    out = np.broadcast_to(np.arange(total, dtype=np.int64)[:, None], (total, num_negatives)).copy()
+    masked = np.flatnonzero(mask)
+    if len(masked) < 2:
+        return out
+    draws = rng.integers(0, len(masked) - 1, size=(len(masked), num_negatives))
+    draws += draws >= np.arange(len(masked))[:, None]  # skip the frame itself
+    out[masked] = masked[draws]
+    return out
+
+
+class SpanMasking:
+    """Per-clip wav2vec 2.0 masks drawn from the clip's seed in the data workers, so a clip gets
+    the same mask and distractors on any rank, world size or resume: ``(valid_samples,
+    num_samples, seed) -> {"mask_time_indices": bool (T,), "sampled_negative_indices": int64
+    (T, num_negatives)}`` with ``T = feature_frames(num_samples)`` (the padded clip's frames),
+    masks and distractors among the ``feature_frames(valid_samples)`` frames of its audio."""
+
+    def __init__(self, *, conv_kernel, conv_stride, mask_time_prob: float, mask_time_length: int,
+                 mask_time_min_masks: int, num_negatives: int):
+        self.conv_kernel, self.conv_stride = list(conv_kernel), list(conv_stride)
+        self.prob, self.length, self.min_masks = mask_time_prob, mask_time_length, mask_time_min_masks
+        self.num_negatives = num_negatives
+
+    @classmethod
+    def from_config(cls, cfg) -> "SpanMasking":
+        o, m = cfg.objective, cfg.model
+        return cls(conv_kernel=m.conv_kernel, conv_stride=m.conv_stride, mask_time_prob=o.mask_time_prob,
+                   mask_time_length=o.mask_time_length, mask_time_min_masks=o.mask_time_min_masks,
+                   num_negatives=o.num_negatives)
+
+    def __call__(self, valid_samples: int, num_samples: int, seed: int) -> dict[str, Any]:
+        rng = np.random.default_rng([seed, 1])
+        total = feature_frames(num_samples, self.conv_kernel, self.conv_stride)
+        mask = span_mask(rng, feature_frames(valid_samples, self.conv_kernel, self.conv_stride), total,
+                         self.prob, self.length, self.min_masks)
+        return {"mask_time_indices": torch.from_numpy(mask),
+                "sampled_negative_indices": torch.from_numpy(sample_negatives(rng, mask, self.num_negatives))}

@@ -105,7 +105,15 @@ def decoder_for(cfg, manifest: Manifest) -> Decoder:
     (``objective.name: classify``; ``sslscale.data.text.LabeledTextDecoder``), token blocks as
     they are for causal language modeling (``clm``; ``sslscale.data.text.TokenBlockDecoder``),
     token blocks + MLM masking for other text objectives (``sslscale.data.masking.MLMDecoder``),
-    images resized to ``model.image_size`` otherwise (with the manifest's image and label keys)."""
+    audio clips of ``data.max_audio_seconds`` with wav2vec 2.0's span masks and distractors drawn per
+    clip (``sslscale.data.audio.AudioDecoder``, ``sslscale.data.masking.SpanMasking``), images
+    resized to ``model.image_size`` otherwise (with the manifest's image and label keys)."""
+    if manifest.modality == "audio":
+        from sslscale.data.audio import AudioDecoder
+        from sslscale.data.masking import SpanMasking
+
+        masking = SpanMasking.from_config(cfg) if cfg.objective.name == "wav2vec2" else None
+        return AudioDecoder.for_manifest(manifest, cfg.data.max_audio_seconds, masking=masking)
     if manifest.modality == "text" and cfg.objective.name == "classify":
         from sslscale.data.text import LabeledTextDecoder
 

@@ -2,7 +2,8 @@
 resume=auto logs exactly the same train/loss for every later step as an uninterrupted run, for
 ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and on 2 ranks for MoCo v3 (momentum encoder, ZeRO-3),
 MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels,
-layer-wise lr decay), RotNet, the denoising autoencoder and the VAE. Engine state, data positions and RNG states all
+layer-wise lr decay), RotNet, the denoising autoencoder, the VAE and wav2vec 2.0 (real speech:
+masks, distractors and Gumbel noise from the sample seeds, dropout). Engine state, data positions and RNG states all
 matter."""
 
 import json
@@ -11,15 +12,16 @@ import time
 
 import pytest
 
-from ..conftest import (CLM_RECIPE, DEMO_RECIPE, MLM_RECIPE, ROOT, kill_tree, process_tree, sslscale_cmd,
-                        tiny_overrides, tiny_text_overrides, wait_dead)
+from ..conftest import (CLM_RECIPE, DEMO_RECIPE, MLM_RECIPE, ROOT, W2V_RECIPE, kill_tree, process_tree,
+                        sslscale_cmd, tiny_audio_overrides, tiny_overrides, tiny_text_overrides, wait_dead)
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 30
 
 
 def command(nproc, shards, run_dir, stage, recipe=DEMO_RECIPE, extra=()):
-    tiny = tiny_text_overrides if recipe in (MLM_RECIPE, CLM_RECIPE) else tiny_overrides
+    tiny = (tiny_text_overrides if recipe in (MLM_RECIPE, CLM_RECIPE) else
+            tiny_audio_overrides if recipe == W2V_RECIPE else tiny_overrides)
     overrides = tiny(shards, run_dir, f"deepspeed.zero_stage={stage}",
                      f"train.max_steps={MAX_STEPS}", "checkpoint.every_steps=3",
                      "eval.train_shards=null", "eval.test_shards=null", *extra)
@@ -85,17 +87,22 @@ OTHER_OBJECTIVES = {  # the keys each needs beyond the MAE demo recipe's model
     "rotnet": ["objective.rotations_per_image=2"],  # rotations drawn from the sample seeds
     "dae": ["objective.noise=gaussian"],  # per-pixel noise from the sample seeds
     "vae": ["objective.latent_dim=8"],  # the reparameterization's epsilon from the sample seeds
+    # its own recipe (W2V_RECIPE) on real speech: masks, distractors and Gumbel noise per sample
+    "wav2vec2": ["objective.gumbel_temperature_decay=0.9"],  # the temperature moves within the run
 }
 
 
 @pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("clm", 2), ("classify", 2),
-                                             ("rotnet", 2), ("dae", 1), ("vae", 2)])
-def test_kill_and_resume_is_bitwise_for_every_objective(real_shards, text_shards, tmp_path, objective, stage):
+                                             ("rotnet", 2), ("dae", 1), ("vae", 2), ("wav2vec2", 2)])
+def test_kill_and_resume_is_bitwise_for_every_objective(request, tmp_path, objective, stage):
     if objective in ("mlm", "clm"):
         recipe = MLM_RECIPE if objective == "mlm" else CLM_RECIPE
-        run = lambda r: command(2, text_shards, r, stage, recipe)  # noqa: E731
+        run = lambda r: command(2, request.getfixturevalue("text_shards"), r, stage, recipe)  # noqa: E731
+    elif objective == "wav2vec2":
+        audio = request.getfixturevalue("audio_shards")  # skips without ktuberling-data
+        run = lambda r: command(2, audio, r, stage, W2V_RECIPE, OTHER_OBJECTIVES[objective])  # noqa: E731
     else:
         extra = [f"objective.name={objective}", *OTHER_OBJECTIVES[objective]]
-        run = lambda r: command(2, real_shards, r, stage, extra=extra)  # noqa: E731
+        run = lambda r: command(2, request.getfixturevalue("real_shards"), r, stage, extra=extra)  # noqa: E731
     expected, _, _ = kill_and_resume(run, tmp_path)
     assert len(set(expected.values())) > MAX_STEPS // 2  # the loss moves: the check is not vacuous

@@ -21,7 +21,7 @@ import pytest
 
 from launcher.env import free_port
 
-from ..conftest import DEMO_RECIPE, ROOT, tiny_overrides
+from ..conftest import DEMO_RECIPE, ROOT, W2V_RECIPE, tiny_audio_overrides, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -96,10 +96,11 @@ sys.exit(code)
 """
 
 
-def run_counted(tmp_path, real_shards, world_size: int, *extra: str) -> list[Counter]:
+def run_counted(tmp_path, real_shards, world_size: int, *extra: str, recipe=DEMO_RECIPE,
+                tiny=tiny_overrides) -> list[Counter]:
     """Per-step counts of each rank's events, for the steps that neither log nor save."""
     run_dir, port = tmp_path / "run", str(free_port())
-    overrides = tiny_overrides(real_shards, run_dir, f"train.max_steps={STEPS}",
+    overrides = tiny(real_shards, run_dir, f"train.max_steps={STEPS}",
                                f"train.log_every={STEPS}", "checkpoint.every_steps=0",
                                "eval.train_shards=null", "eval.test_shards=null",
                                "data.num_workers=2", *extra)
@@ -109,7 +110,7 @@ def run_counted(tmp_path, real_shards, world_size: int, *extra: str) -> list[Cou
                "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "SYNC_EVENTS": str(tmp_path / "events-")}
-        procs.append(subprocess.Popen([sys.executable, "-c", COUNTER, str(DEMO_RECIPE), *overrides],
+        procs.append(subprocess.Popen([sys.executable, "-c", COUNTER, str(recipe), *overrides],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -144,3 +145,11 @@ def test_zero0_fp32_step_has_one_sync_the_global_grad_norm(real_shards, tmp_path
     with 2 micro-batches per step. One rank: no stop vote to post."""
     for counts in run_counted(tmp_path, real_shards, 1, "deepspeed.zero_stage=0"):
         assert device_syncs(counts) == Counter({("sync", "backward_step"): 1}), counts
+
+
+def test_wav2vec2_two_ranks_step_has_no_sync(audio_shards, tmp_path):
+    """wav2vec 2.0 on real speech: masks and distractors come from the workers, the Gumbel
+    temperature is filled in a buffer, the metrics stay on the device."""
+    for counts in run_counted(tmp_path, audio_shards, 2, "deepspeed.zero_stage=2", recipe=W2V_RECIPE,
+                              tiny=tiny_audio_overrides):
+        assert device_syncs(counts) == Counter({("async collective", "post"): 1}), counts

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from launcher.cli import main
 from sslscale.config import ConfigError, load_config, save_config, to_dict
-from sslscale.config_schema import MODEL_SCHEMAS, OBJECTIVE_MODELS, OBJECTIVE_SCHEMAS
+from sslscale.config_schema import MODEL_SCHEMAS, OBJECTIVE_MODELS, OBJECTIVE_SCHEMAS, defaults
 
 from ..conftest import DEMO_RECIPE, ROOT
 
@@ -66,8 +66,10 @@ def test_each_recipe_resolves_to_its_flat_values_with_only_its_own_keys(recipe):
     assert set(cfg.objective) == _fields(OBJECTIVE_SCHEMAS[name])  # only the objective's keys
     assert set(cfg.model) == _fields(MODEL_SCHEMAS[family])
     stated = yaml.safe_load(recipe.read_text())
+    schemas = {"objective": OBJECTIVE_SCHEMAS[name], "model": MODEL_SCHEMAS[family]}
     for section, flat in (("objective", FLAT_OBJECTIVE), ("model", FLAT_MODEL)):
-        want = {**flat, **stated.get(section, {})}
+        added = {k: v for k, v in defaults(schemas[section]).items() if k not in flat}  # keys the flat schema lacked
+        want = {**flat, **added, **stated.get(section, {})}
         got = to_dict(cfg)[section]
         assert {k: v for k, v in got.items() if k != "name"} == \
             {k: want[k] for k in got if k != "name"}, (recipe, section)

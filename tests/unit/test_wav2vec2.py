@@ -1,0 +1,215 @@
+"""wav2vec 2.0 on real speech (Debian ktuberling-data): the resampler, the audio shards, the
+per-clip span masks and distractors (the same on any rank and world size), the forward without
+host syncs against transformers' own, the loss, the Gumbel schedule and the FLOP count."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sslscale import flops
+from sslscale.config import ConfigError, load_config
+from sslscale.data.audio import AudioDecoder, decode_audio, prepare_audio, resample
+from sslscale.data.masking import feature_frames, sample_negatives, span_mask
+from sslscale.data.shards import load_manifest
+from sslscale.data.stream import TrainStream, _open_at, decoder_for, eval_batches
+from sslscale.objectives import build_objective
+from sslscale.objectives.wav2vec2 import encode, gumbel_noise, gumbel_temperature
+
+from ..conftest import TINY_W2V, W2V_RECIPE, for_objective
+
+NO_DROPOUT = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.feat_proj_dropout=0.0"]
+
+
+def w2v_config(shards, *extra):
+    return load_config(str(W2V_RECIPE), [f"data.train_shards={shards['train']}", *TINY_W2V, *extra])
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_resample_keeps_a_tone_and_removes_what_16k_cannot_hold(rate):
+    t = np.arange(2 * rate) / rate
+    y = resample(np.sin(2 * np.pi * 440 * t), rate, 16_000)
+    assert len(y) == 32_000 and y.dtype == np.float32
+    want = np.sin(2 * np.pi * 440 * np.arange(len(y)) / 16_000)
+    assert np.abs(y - want)[300:-300].max() < 1e-3  # the band below 7.5 kHz passes
+    if rate > 16_000:  # a 10 kHz tone would alias to 6 kHz: the filter stops it (< -60 dB)
+        alias = resample(np.sin(2 * np.pi * 10_000 * t), rate, 16_000)
+        assert np.sqrt(np.mean(alias[300:-300] ** 2)) < 1e-3
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        resample(y, 0, 16_000)
+
+
+def test_prepare_audio_writes_labeled_16k_clips_split_by_language(audio_shards):
+    train, val = load_manifest(audio_shards["train"]), load_manifest(audio_shards["val"])
+    assert train.modality == val.modality == "audio"
+    assert train.source == "ktuberling-data" and train.license == "GPL-2+"
+    meta = train.meta
+    assert meta["sampling_rate"] == 16_000 and len(meta["classes"]) > 10 and len(train.shards) == 4
+    assert train.num_samples + val.num_samples == 96
+    raw = [s for i in range(len(train.shards)) for s in _open_at(train, i, 0)]
+    paths = {json.loads(s["json"])["path"] for s in raw}
+    val_paths = {json.loads(s["json"])["path"] for i in range(len(val.shards)) for s in _open_at(val, i, 0)}
+    assert not paths & val_paths  # no file in both splits
+    first = raw[0]
+    info = json.loads(first["json"])
+    assert meta["classes"][int(first["cls"])] == info["class"] and info["path"].split("/")[-2] == info["class"]
+    assert info["path"].split("/")[-1].startswith(info["word"] + ".") and "words" not in meta  # O(shards)
+    x = decode_audio(first)
+    assert x.dtype == np.float32 and meta["min_num_samples"] <= len(x) <= meta["max_num_samples"]
+    assert 0.01 < np.abs(x).max() <= 1.0  # speech, not silence
+
+
+def test_prepare_audio_names_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare_audio(tmp_path / "out", inputs=[str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .wav/.flac/.ogg files"):
+        prepare_audio(tmp_path / "out", inputs=[str(tmp_path / "empty")])
+    (tmp_path / "bad" / "en").mkdir(parents=True)
+    (tmp_path / "bad" / "en" / "word.wav").write_bytes(b"RIFF not really")
+    with pytest.raises(ValueError, match="word.wav: not a readable sound file"):
+        prepare_audio(tmp_path / "out", inputs=[str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="sample 7 from x.tar has no audio"):
+        decode_audio({"__key__": "7", "__url__": "x.tar", "txt": b"hello"})
+
+
+def test_span_mask_and_distractors_follow_the_paper():
+    rng = np.random.default_rng(0)
+    for frames in (5, 30, 49, 200):
+        mask = span_mask(rng, frames, 250, 0.65, 10, 2)
+        assert not mask[frames:].any()  # never on padding
+        if frames >= 20:
+            assert 10 <= mask.sum() <= frames
+        negatives = sample_negatives(rng, mask, 20)
+        rows = np.flatnonzero(mask)
+        assert negatives.shape == (250, 20)
+        if len(rows) > 1:
+            assert mask[negatives[rows]].all()  # distractors are other masked frames of the clip
+            assert (negatives[rows] != rows[:, None]).all()
+        unmasked = np.flatnonzero(~mask)
+        assert (negatives[unmasked] == unmasked[:, None]).all()
+    assert feature_frames(16_000, [10, 3, 3, 3, 3, 2, 2], [5, 2, 2, 2, 2, 2, 2]) == 49  # 20 ms frames
+    assert feature_frames(300, [10, 3, 3, 3, 3, 2, 2], [5, 2, 2, 2, 2, 2, 2]) == 0
+
+
+def test_masks_and_distractors_are_a_function_of_the_clip_not_the_rank(audio_shards):
+    """What each clip gets on 1 rank and on each of 2 ranks (per clip, by its sample seed): the
+    same crop, mask and distractors; different clips get different ones."""
+    cfg = w2v_config(audio_shards)
+    manifest = load_manifest(audio_shards["train"])
+    decode = decoder_for(cfg, manifest)
+
+    def clips(rank, world):
+        stream = TrainStream(manifest, rank=rank, world_size=world, num_workers=1, batch_size=8, decode=decode,
+                             seed=0, shuffle_buffer=64, num_streams=4)
+        out = {}
+        for batch in itertools.islice(iter(stream), 6):
+            for i, seed in enumerate(batch["sample_seeds"].tolist()):
+                out[seed] = {k: batch[k][i] for k in ("input_values", "mask_time_indices", "sampled_negative_indices")}
+        return out
+
+    one = clips(0, 1)
+    two = {**clips(0, 2), **clips(1, 2)}
+    common = one.keys() & two.keys()
+    assert len(common) >= 24
+    for seed in common:
+        for key in one[seed]:
+            assert torch.equal(one[seed][key], two[seed][key]), key
+    masks = [one[s]["mask_time_indices"] for s in common]
+    assert len({tuple(m.tolist()) for m in masks}) > len(masks) // 2
+    assert 0.2 < torch.stack(masks).float().mean() < 0.8
+
+
+def test_encode_matches_transformers_and_the_loss_trains(audio_shards):
+    cfg = w2v_config(audio_shards, *NO_DROPOUT)
+    manifest = load_manifest(audio_shards["train"])
+    batch = next(eval_batches(manifest, rank=0, world_size=1, batch_size=8, decode=decoder_for(cfg, manifest)))
+    assert (batch["attention_mask"] == 0).any()  # some clips are padded
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    for module in objective.modules():  # activation_dropout too: the same batch gives the same loss
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model = objective.model.wav2vec2
+    with torch.no_grad():
+        hidden, extract, frames = encode(model, batch["input_values"], batch["attention_mask"], batch["mask_time_indices"])
+        ref = model(batch["input_values"], attention_mask=batch["attention_mask"],
+                    mask_time_indices=batch["mask_time_indices"].clone())
+    assert torch.equal(hidden, ref.last_hidden_state) and torch.equal(extract, ref.extract_features)
+    assert frames.shape == batch["mask_time_indices"].shape
+    objective.on_step_start(100, 400)
+    assert objective.gumbel_tau.item() == pytest.approx(gumbel_temperature(100, max_temperature=2.0, min_temperature=0.5,
+                                                                            decay=cfg.objective.gumbel_temperature_decay))
+    out = objective(batch)
+    again = objective(batch)  # the Gumbel noise comes from the sample seeds, not a global RNG
+    assert torch.equal(out.loss, again.loss)
+    groups, per_group = cfg.model.num_codevector_groups, cfg.model.num_codevectors_per_group
+    assert groups <= out.metrics["codebook_perplexity"] <= groups * per_group
+    assert out.metrics["contrastive_loss"] > 0 and 0 <= out.metrics["diversity_loss"] < 1
+    out.loss.backward()
+    q = objective.model.quantizer
+    for p in (q.codevectors, q.weight_proj.weight, model.masked_spec_embed, model.feature_extractor.conv_layers[0].conv.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    other = dict(batch, sample_seeds=batch["sample_seeds"] + 1)
+    assert not torch.equal(objective(other).loss, out.loss)
+    features = objective.eval().features({k: batch[k] for k in ("input_values", "attention_mask")})
+    assert features.shape == (8, cfg.model.hidden_size) and torch.isfinite(features).all()
+
+
+def test_gumbel_noise_is_finite_at_the_uniforms_extremes(monkeypatch):
+    """The largest uniform (1 - 2^-24) once became 1.0 (+ 2^-25 rounds up in float32): an
+    infinite logit, a NaN loss and a skipped step in about 1 micro-batch of 100."""
+    import sslscale.objectives.wav2vec2 as w2v
+
+    extremes = torch.tensor([[0.0, 1.0 - 2.0 ** -24, 0.5]])
+    monkeypatch.setattr(w2v, "uniform", lambda seeds, n, tag: extremes.expand(len(seeds), n))
+    noise = gumbel_noise(torch.zeros(2, dtype=torch.long), (3,))
+    assert noise.shape == (2, 3) and torch.isfinite(noise).all()
+    assert noise[0, 0] < noise[0, 2] < noise[0, 1]  # monotone in u
+    monkeypatch.undo()
+    many = gumbel_noise(torch.arange(64), (49, 2, 64))
+    assert torch.isfinite(many).all() and abs(many.mean().item() - 0.5772) < 0.01  # Euler's constant
+
+
+def test_gumbel_temperature_is_a_pure_function_of_the_step():
+    schedule = dict(max_temperature=2.0, min_temperature=0.5, decay=0.999995)
+    assert gumbel_temperature(0, **schedule) == 2.0
+    assert gumbel_temperature(1000, **schedule) == pytest.approx(2.0 * 0.999995 ** 1000)
+    assert gumbel_temperature(10 ** 7, **schedule) == 0.5
+
+
+def test_flops_match_the_flop_counter(audio_shards):
+    cfg = w2v_config(audio_shards, *NO_DROPOUT, "model.attn_implementation=eager")
+    manifest = load_manifest(audio_shards["train"])
+    batch = next(eval_batches(manifest, rank=0, world_size=1, batch_size=4, decode=decoder_for(cfg, manifest)))
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    with FlopCounterMode(display=False) as counter:
+        objective(batch).loss.backward()
+    want = counter.get_total_flops() / 4
+    # the counter takes the grouped position convolution's weight gradient for an ungrouped one
+    m, frames = cfg.model, batch["mask_time_indices"].shape[1]
+    groups, k = m.num_conv_pos_embedding_groups, m.num_conv_pos_embeddings
+    want -= (groups - 1) * flops.linear_flops(frames + 1 - k % 2, m.hidden_size // groups * k, m.hidden_size)
+    got = flops.flops_per_sample_of_batch(cfg, batch, world_size=2)
+    assert got == flops.flops_per_sample(cfg, num_samples=batch["input_values"].shape[1])
+    # the rest: the K + 1 cosine logits per frame (elementwise ops the counter does not see)
+    assert got == pytest.approx(want, rel=0.01)
+
+
+def test_config_names_the_key_and_its_owner():
+    cfg = load_config(None, for_objective("wav2vec2", []))
+    assert cfg.model.name == "wav2vec2" and cfg.objective.mask_time_length == 10
+    with pytest.raises(ConfigError, match="objective.mask_time_prob"):
+        load_config(None, for_objective("wav2vec2", ["objective.mask_time_prob=1.5"]))
+    with pytest.raises(ConfigError, match="belongs to objective wav2vec2"):
+        load_config(None, ["objective.name=mae", "objective.num_negatives=5"])
+    with pytest.raises(ConfigError, match="data.max_audio_seconds"):
+        load_config(None, for_objective("wav2vec2", ["data.max_audio_seconds=0"]))
+    with pytest.raises(ValueError, match="unknown crop 'left'"):
+        AudioDecoder(100, crop="left")
