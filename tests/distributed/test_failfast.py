@@ -133,7 +133,11 @@ def test_failed_rollback_ends_every_rank(real_shards, tmp_path):
     code, out, _ = finish(proc)
     ended_within(run_dir, 30)
     assert code == 1 and "no checkpoint to roll back to" in out, out[-3000:]
-    assert "Traceback" not in out and len(error_lines(out)) == 2
+    # Both ranks meet the same losses; the one that ends second may be ended by the launcher
+    # before it says so (on a loaded machine), so one or two lines, each with the cause.
+    said = error_lines(out)
+    assert "Traceback" not in out and 1 <= len(said) <= 2, out[-3000:]
+    assert all("no checkpoint to roll back to" in line for line in said), said
 
 
 def test_a_stopped_rank_is_caught_by_the_stall_watchdog(real_shards, tmp_path):
