@@ -35,6 +35,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# libjpeg-turbo's headers: the data workers' JPEG box decoding (sslscale/data/jpeg_box.c,
+# built below) decodes only the crop of each image.
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends gcc libjpeg-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # The user that runs sslscale (uid USER_UID, taken over from the base image's user of that uid
 # if it has one), and caches any uid can write.
 RUN existing="$(getent passwd "${USER_UID}" | cut -d: -f1)" \
@@ -88,7 +94,9 @@ COPY sslscale ./sslscale
 RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info \
  && sslscale --help > /dev/null \
- && python -I -c "from launcher.slurm import TEMPLATE; assert TEMPLATE.is_file(), TEMPLATE"
+ && python -I -c "from launcher.slurm import TEMPLATE; assert TEMPLATE.is_file(), TEMPLATE" \
+ && python -I -c "from sslscale.data import jpeg_box; assert jpeg_box.available(), jpeg_box.unavailable()" \
+ && chmod -R a+rX /cache/torch_extensions
 COPY configs ./configs
 
 USER ${USER_UID}

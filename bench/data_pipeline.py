@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 from sslscale.data.augment import CROP, ViewAugment, ViewConfig, crop_box, sample_seed
 from sslscale.data.sources import FASHION_MNIST_DIR, open_source, prepare, prepare_image_folder
 from sslscale.data.stream import ImageDecoder, TrainStream, train_loader
+from sslscale.data import jpeg_box
 
 PHOTOS_DIR = Path("/usr/share/backgrounds")
 PHOTOS = {  # lomiri-wallpapers-16.04: file -> license (debian/copyright)
@@ -250,6 +251,8 @@ def jpeg_mode(args, root: Path) -> None:
           f"most common sizes {', '.join(f'{w}x{h}' for (w, h), _ in dims)}, {len(manifest.shards)} shards "
           f"({manifest.meta['passthrough']} JPEGs passed through), "
           f"made in {time.perf_counter() - start:.0f} s")
+    why = jpeg_box.unavailable()
+    print(f"jpeg: sslscale decodes {'only the crop box of each JPEG' if not why else 'whole JPEGs: ' + why}")
     b, w = args.jpeg_batch_size, args.workers
     random_crop = ImageDecoder(SIZE, 3, crop="random", crop_scale=SCALE)
     sides = {

@@ -9,11 +9,13 @@ Decoding (``decode_crop``) takes a crop box in the original image's pixels and r
 resized to ``(S, S)`` as uint8 ``(C, S, S)`` (C = 1 gray or 3 RGB; normalization happens on the
 device). For a JPEG the box first picks libjpeg's DCT scaling: the largest of 1/8, 1/4, 1/2 that
 still leaves the box at least ``S`` pixels wide and high, so a 4000x3000 photo cropped to 224
-decodes an eighth of its width and height; gray output decodes the luma channel only. JPEGs are
-decoded by libjpeg-turbo through simplejpeg (the same pixels as PIL's decoder and its
-``Image.draft`` scaling, in about half of PIL's time per image: no ``Image`` object, no mode
-conversion copy), falling back to PIL for CMYK / YCCK JPEGs and what simplejpeg refuses
-(broken files, which PIL then reports). Then only the box (rounded to whole pixels) is copied out and resized,
+decodes an eighth of its width and height; gray output decodes the luma channel only. Of that,
+libjpeg-turbo decodes only the box (``sslscale.data.jpeg_box``: partial decoding, built on
+first use; a random resized crop keeps about half of an image) where a C compiler and
+libjpeg-turbo's headers are there, else the whole image through simplejpeg: the same pixels
+either way, and the same as PIL's decoder and its ``Image.draft`` scaling, in about half of PIL's
+time per image for the whole image. CMYK / YCCK JPEGs and what libjpeg refuses (broken files,
+which PIL then reports) go to PIL. Then only the box (rounded to whole pixels) is resized,
 with torch's vectorized uint8 antialiased bicubic kernel (the same filter as PIL's bicubic
 ``resize``, mean difference well under one level, ~3x faster on one core). Other formats (PNG,
 WebP...) decode at full size, then crop and resize the same way.
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from sslscale.data import jpeg_box
 from sslscale.data.shards import encode_image
 
 if TYPE_CHECKING:
@@ -104,8 +107,26 @@ def decode_crop(data: bytes, size: int, num_channels: int, box: BoxFn = center_b
 
 
 def _decode_jpeg(data: bytes, size: int, num_channels: int, box: BoxFn) -> np.ndarray | None:
-    """The box of a JPEG as ``(h, w, C)`` uint8, decoded by simplejpeg at ``draft_scale``; None
-    for CMYK / YCCK and what simplejpeg cannot decode (corrupt: PIL then decodes or reports)."""
+    """The box of a JPEG as ``(h, w, C)`` uint8, decoded at ``draft_scale``: only the box
+    (libjpeg-turbo's partial decoding, ``sslscale.data.jpeg_box``) where that is built, else
+    the whole image by simplejpeg; None for CMYK / YCCK and what libjpeg cannot decode (corrupt:
+    PIL then decodes or reports)."""
+    if jpeg_box.available():
+        try:
+            width, height, supported = jpeg_box.jpeg_info(data)
+            if not supported:
+                return None
+            crop = box(width, height)
+            s = draft_scale(crop[2], crop[3], size)  # libjpeg scales by exactly 1/s, rounding up
+            pixel_box = _pixel_box(crop, s, -(-width // s), -(-height // s))
+            return jpeg_box.decode_box(data, width, s, num_channels, pixel_box)
+        except jpeg_box.JpegBoxError:
+            return None
+    return _decode_jpeg_whole(data, size, num_channels, box)
+
+
+def _decode_jpeg_whole(data: bytes, size: int, num_channels: int, box: BoxFn) -> np.ndarray | None:
+    """``_decode_jpeg`` by simplejpeg, which decodes the whole image (at ``draft_scale``)."""
     import simplejpeg
 
     try:

@@ -31,6 +31,8 @@ from sslscale.data.plan import PlanError, check_streams, locate, stream_shards, 
 from sslscale.data.seek import open_at, open_shard  # noqa: F401 (open_shard: public here too)
 from sslscale.data.shards import Manifest
 from sslscale.data.tar import read_tar_samples
+from sslscale.data import jpeg_box
+from sslscale.log import get_logger
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 # decode(raw sample, sample seed) -> example dict (ImageDecoder, sslscale.data.masking.MLMDecoder)
@@ -83,6 +85,8 @@ class ImageDecoder:
         self.image_size, self.num_channels = image_size, num_channels
         self.image_key, self.label_key = image_key, label_key or "cls"
         self.crop, self.crop_scale = crop, tuple(crop_scale)
+        if not jpeg_box.available():  # built here, once, before the workers start
+            get_logger("data").info("JPEGs decode whole: %s", jpeg_box.unavailable())
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, image_size: int, num_channels: int) -> "ImageDecoder":

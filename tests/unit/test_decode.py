@@ -3,6 +3,9 @@ scale when the crop allows give the right size, stay close to a full decode + cr
 and crops are a pure function of the sample's seed."""
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from sslscale.data import decode
 from sslscale.data.augment import CROP, NOISE, crop_box, crop_boxes, sample_seed, uniform, uniform_scalar
 from sslscale.data.decode import center_box, decode_crop, draft_scale, random_resized_box
 from sslscale.data.stream import ImageDecoder, decode_image
+from sslscale.data import jpeg_box
 
 from .test_image_folder import photo
 
@@ -50,39 +54,69 @@ def test_draft_scale_keeps_the_crop_at_least_the_output_size():
     assert draft_scale(100, 100, 224) == 1  # an upscale: full resolution
 
 
+@pytest.fixture(params=["box", "whole"])
+def jpeg_path(request, monkeypatch) -> str:
+    """Both JPEG paths: box decoding (libjpeg-turbo built here) and simplejpeg's whole image."""
+    if request.param == "box" and not jpeg_box.available():
+        pytest.skip(f"JPEG box decoding unavailable: {jpeg_box.unavailable()}")
+    if request.param == "whole":
+        monkeypatch.setattr(jpeg_box, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("box", ["center", "random"])
 @pytest.mark.parametrize("channels", [3, 1])
-def test_draft_decode_is_close_to_a_full_decode(big_jpeg, box, channels, monkeypatch):
+def test_draft_decode_is_close_to_a_full_decode(big_jpeg, box, channels, jpeg_path, monkeypatch):
     import simplejpeg
 
-    drafted, original = [], simplejpeg.decode_jpeg
+    drafted, decode_box, decode_whole = [], jpeg_box.decode_box, simplejpeg.decode_jpeg
 
-    def spy(data, *args, **kwargs):
-        out = original(data, *args, **kwargs)
-        drafted.append((simplejpeg.decode_jpeg_header(data)[1::-1], out.shape[1::-1]))
+    def box_spy(data, width, scale, *args):
+        drafted.append(scale)
+        return decode_box(data, width, scale, *args)
+
+    def whole_spy(data, *args, **kwargs):
+        out = decode_whole(data, *args, **kwargs)
+        drafted.append(simplejpeg.decode_jpeg_header(data)[1] / out.shape[1])
         return out
 
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    monkeypatch.setattr(jpeg_box, "decode_box", box_spy)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", whole_spy)
     fn = center_box if box == "center" else random_resized_box(sample_seed(0, 1, 5), (0.5, 1.0))
     out = decode_crop(big_jpeg, 224, channels, fn)
     assert out.shape == (channels, 224, 224) and out.dtype == torch.uint8
-    (full_w, _), (w, _) = drafted[-1]
-    assert w * 2 <= full_w + 1  # decoded at 1/2 or less of the width
+    assert len(drafted) == 1 and drafted[0] >= 2 - 1e-3  # decoded at 1/2 or less of the width
     ref = reference(big_jpeg, fn, 224, "L" if channels == 1 else "RGB")
     diff = np.abs(out.numpy().astype(np.int16) - ref.astype(np.int16))
     assert diff.mean() < 3.0, diff.mean()
 
 
+def jpeg_variants() -> list[bytes]:
+    """Chroma subsampling 4:2:0, 4:2:2, 4:4:4, progressive, gray, and a size that is not a
+    multiple of any DCT scale or iMCU (rounded-up decodes, partial iMCUs at the edges)."""
+    out = []
+    for size, options in (((1001, 777), {}), ((640, 480), {"subsampling": 1}),
+                          ((500, 375), {"subsampling": 0}), ((733, 501), {"progressive": True}),
+                          ((517, 389), {"mode": "L"})):
+        image = photo(len(out) + 3, size)
+        buf = io.BytesIO()
+        (image.convert("L") if options.pop("mode", None) else image).save(buf, "JPEG", quality=90, **options)
+        out.append(buf.getvalue())
+    return out
+
+
 @pytest.mark.parametrize("channels", [3, 1])
-def test_simplejpeg_gives_the_pixels_of_pil_at_every_scale(big_jpeg, channels):
-    """The JPEG path (simplejpeg) and PIL's (draft + convert + crop) give the same array."""
-    odd = encoded(photo(3, (1001, 777)))  # not a multiple of any DCT scale: rounded-up decodes
-    for data, size, seed in ((big_jpeg, 224, 0), (big_jpeg, 224, 3), (big_jpeg, 96, 5), (big_jpeg, 600, 7),
-                             (odd, 60, 1), (odd, 100, 2), (odd, 224, 4)):  # scales 1/8 .. 1
-        box = random_resized_box(seed, (0.05, 1.0))
-        fast = decode._decode_jpeg(data, size, channels, box)
-        slow = decode._decode_pil(data, size, channels, box)
-        np.testing.assert_array_equal(fast, slow[..., None] if slow.ndim == 2 else slow)
+def test_both_jpeg_paths_give_the_pixels_of_pil_at_every_scale(big_jpeg, channels, jpeg_path):
+    """The JPEG paths (box decoding, simplejpeg) and PIL's (draft + convert + crop) give the
+    same array: every subsampling, progressive and gray files, boxes touching the edges."""
+    cases = [(big_jpeg, 224, 0), (big_jpeg, 224, 3), (big_jpeg, 96, 5), (big_jpeg, 600, 7)]
+    cases += [(data, size, seed) for data in jpeg_variants() for size, seed in ((60, 1), (100, 2), (224, 4))]
+    for data, size, seed in cases:  # scales 1/8 .. 1
+        for box in (random_resized_box(seed, (0.05, 1.0)), random_resized_box(seed + 9, (0.6, 1.0)),
+                    center_box, lambda w, h: (0, 0, w, h), lambda w, h: (w / 2, h / 3, w / 2, h / 3)):
+            fast = decode._decode_jpeg(data, size, channels, box)
+            slow = decode._decode_pil(data, size, channels, box)
+            np.testing.assert_array_equal(fast, slow[..., None] if slow.ndim == 2 else slow)
     cmyk = encoded(photo(2, (300, 200)).convert("CMYK"))  # PIL's CMYK conversion, not libjpeg's
     assert decode._decode_jpeg(cmyk, 96, 3, center_box) is None
     assert decode_crop(cmyk, 96, 3).shape == (3, 96, 96)
@@ -143,3 +177,20 @@ def test_scalar_crop_box_matches_the_device_boxes():
     box = random_resized_box(seeds[0])(500, 375)
     assert box == crop_box(seeds[0], CROP, 375, 500, (0.2, 1.0))
     assert decode.center_box(500, 375) == (62.5, 0.0, 375, 375)
+
+
+def test_without_a_compiler_jpegs_decode_whole_and_say_why(big_jpeg, tmp_path):
+    """No C compiler (or no libjpeg headers): box decoding is off, ``unavailable()`` names the
+    cause, and decoding gives the same pixels through simplejpeg."""
+    script = ("import sys, numpy as np; from sslscale.data import jpeg_box; "
+              "from sslscale.data.decode import decode_crop; "
+              "data = open(sys.argv[1], 'rb').read(); out = decode_crop(data, 224, 3); "
+              "print(jpeg_box.available(), jpeg_box.unavailable()); np.save(sys.argv[2], out.numpy())")
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(big_jpeg)
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False ") and "no-such-cc could not run" in done.stdout, done.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), decode_crop(big_jpeg, 224, 3).numpy())

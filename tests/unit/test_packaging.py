@@ -60,11 +60,12 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     return {"wheel": wheel, "venv": venv, "python": venv / "bin" / "python", "sslscale": venv / "bin" / "sslscale"}
 
 
-def test_wheel_ships_the_job_template_and_the_license(installed):
+def test_wheel_ships_the_job_template_the_jpeg_kernel_and_the_license(installed):
     with zipfile.ZipFile(installed["wheel"]) as whl:
         names = set(whl.namelist())
         metadata = whl.read("sslscale-0.1.0.dist-info/METADATA").decode()
     assert "launcher/templates/train.sbatch" in names and "sslscale/templates/modelcard.md.j2" in names
+    assert "sslscale/data/jpeg_box.c" in names  # built on first use by the data workers
     assert "sslscale-0.1.0.dist-info/licenses/LICENSE" in names
     assert "License-Expression: Apache-2.0" in metadata
 
