@@ -29,9 +29,15 @@ static void box_emit_message(j_common_ptr cinfo, int msg_level) {
     longjmp(((struct box_error *)cinfo->err)->jump, 1);
 }
 
-/* The image's size and color space: 0, or -1 with libjpeg's message in err. */
-int sslscale_jpeg_info(const unsigned char *data, unsigned long size, int *width, int *height,
-                       int *color_space, char *err, int err_size) {
+/* The image's width, height and libjpeg color space into info[0..2]; with out != NULL, then rows
+ * y0..y1-1 and at least the columns x0..x1-1 of the image decoded at 1/scale_denom (box in the
+ * pixels of that scaled image), 1 (gray) or 3 (RGB) channels, into out: row r of the box at
+ * out + r * out_stride, starting at column *x_start (<= x0, whole iMCUs). Returns 0; 1 for color
+ * spaces left to PIL (CMYK, YCCK; nothing decoded); -1 with libjpeg's message in err. */
+int sslscale_jpeg_decode_box(const unsigned char *data, unsigned long size, int *info,
+                             int scale_denom, int gray, int x0, int y0, int x1, int y1,
+                             unsigned char *out, long out_stride, int *x_start, char *err,
+                             int err_size) {
   struct jpeg_decompress_struct cinfo;
   struct box_error jerr;
   cinfo.err = jpeg_std_error(&jerr.pub);
@@ -46,37 +52,12 @@ int sslscale_jpeg_info(const unsigned char *data, unsigned long size, int *width
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, data, size);
   jpeg_read_header(&cinfo, TRUE);
-  *width = (int)cinfo.image_width;
-  *height = (int)cinfo.image_height;
-  *color_space = (int)cinfo.jpeg_color_space;
-  jpeg_destroy_decompress(&cinfo);
-  return 0;
-}
-
-/* Rows y0..y1-1 and at least the columns x0..x1-1 of the image decoded at 1/scale_denom (box
- * in the pixels of that scaled image), 1 (gray) or 3 (RGB) channels, into out: row r of the box
- * at out + r * out_stride, starting at column *x_start (<= x0, whole iMCUs). Returns 0; 1 for
- * color spaces left to PIL (CMYK, YCCK); -1 with libjpeg's message in err. */
-int sslscale_jpeg_decode_box(const unsigned char *data, unsigned long size, int scale_denom,
-                             int gray, int x0, int y0, int x1, int y1, unsigned char *out,
-                             long out_stride, int *x_start, char *err, int err_size) {
-  struct jpeg_decompress_struct cinfo;
-  struct box_error jerr;
-  cinfo.err = jpeg_std_error(&jerr.pub);
-  jerr.pub.error_exit = box_error_exit;
-  jerr.pub.emit_message = box_emit_message;
-  if (setjmp(jerr.jump)) {
-    (*cinfo.err->format_message)((j_common_ptr)&cinfo, err);
-    err[err_size - 1] = 0;
+  info[0] = (int)cinfo.image_width;
+  info[1] = (int)cinfo.image_height;
+  info[2] = (int)cinfo.jpeg_color_space;
+  if (out == NULL || cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
     jpeg_destroy_decompress(&cinfo);
-    return -1;
-  }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
-  if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
-    jpeg_destroy_decompress(&cinfo);
-    return 1;
+    return out == NULL ? 0 : 1;
   }
   cinfo.out_color_space = gray ? JCS_GRAYSCALE : JCS_RGB;
   cinfo.scale_num = 1;

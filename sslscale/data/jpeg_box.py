@@ -68,11 +68,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except OSError as error:
         return None, f"{path} does not load: {error}"
     c_bytes, c_int, c_ulong, c_long = ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong, ctypes.c_long
-    int_p = ctypes.POINTER(c_int)
-    lib.sslscale_jpeg_info.argtypes = [c_bytes, c_ulong, int_p, int_p, int_p, c_bytes, c_int]
-    lib.sslscale_jpeg_decode_box.argtypes = [c_bytes, c_ulong, c_int, c_int, c_int, c_int, c_int,
-                                             c_int, ctypes.c_void_p, c_long, int_p, c_bytes, c_int]
-    lib.sslscale_jpeg_info.restype = lib.sslscale_jpeg_decode_box.restype = c_int
+    lib.sslscale_jpeg_decode_box.argtypes = [c_bytes, c_ulong, ctypes.POINTER(c_int), c_int, c_int, c_int,
+                                             c_int, c_int, c_int, ctypes.c_void_p, c_long,
+                                             ctypes.POINTER(c_int), c_bytes, c_int]
+    lib.sslscale_jpeg_decode_box.restype = c_int
     return lib, ""
 
 
@@ -89,38 +88,38 @@ def jpeg_info(data: bytes) -> tuple[int, int, bool]:
     """``(width, height, supported)`` of a JPEG's header; ``supported`` is False for CMYK /
     YCCK (decoded by PIL). Raises ``JpegBoxError`` (libjpeg's message) on a bad header and
     ``RuntimeError`` where box decoding is unavailable."""
-    lib = _require()
-    width, height, space, err = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.create_string_buffer(200)
-    if lib.sslscale_jpeg_info(data, len(data), ctypes.byref(width), ctypes.byref(height),
-                              ctypes.byref(space), err, len(err)) != 0:
-        raise JpegBoxError(err.value.decode(errors="replace"))
-    return width.value, height.value, space.value not in (4, 5)  # JCS_CMYK, JCS_YCCK
+    info, _ = _call(data)
+    return info[0], info[1], info[2] not in (4, 5)  # JCS_CMYK, JCS_YCCK
 
 
 def decode_box(data: bytes, width: int, scale: int, num_channels: int,
                box: tuple[int, int, int, int]) -> np.ndarray:
     """The pixels ``box = (x0, y0, x1, y1)`` (exclusive ends, in the image decoded at
     1/``scale``, ``scale`` in 1, 2, 4, 8) of a JPEG ``width`` pixels wide (``jpeg_info``) as
-    uint8 ``(y1 - y0, x1 - x0, C)``, C = ``num_channels`` (1: luma, 3: RGB). Raises ``JpegBoxError`` (libjpeg's message) on bytes it
-    cannot decode, a box outside the image and CMYK / YCCK files, ``RuntimeError`` where box
-    decoding is unavailable."""
-    lib = _require()
+    uint8 ``(y1 - y0, x1 - x0, C)``, C = ``num_channels`` (1: luma, 3: RGB). Raises
+    ``JpegBoxError`` (libjpeg's message) on bytes it cannot decode, a box outside the image and
+    CMYK / YCCK files, ``RuntimeError`` where box decoding is unavailable."""
     x0, y0, x1, y1 = box
     width = -(-width // scale)  # the scaled width: libjpeg rounds up
     out = np.empty((y1 - y0, width, num_channels), np.uint8)
-    x_start, err = ctypes.c_int(), ctypes.create_string_buffer(200)
-    code = lib.sslscale_jpeg_decode_box(data, len(data), scale, int(num_channels == 1), x0, y0, x1, y1,
-                                        out.ctypes.data, width * num_channels, ctypes.byref(x_start),
+    _, x_start = _call(data, scale, num_channels == 1, box, out)
+    return out[:, x0 - x_start:x1 - x_start]
+
+
+def _call(data: bytes, scale: int = 1, gray: bool = False, box: tuple[int, int, int, int] = (0, 0, 1, 1),
+          out: np.ndarray | None = None) -> tuple[list[int], int]:
+    """``sslscale_jpeg_decode_box`` (the header only without ``out``): ``([width, height,
+    color space], the first column decoded)``."""
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"JPEG box decoding is unavailable: {why}")
+    info, x_start, err = (ctypes.c_int * 3)(), ctypes.c_int(), ctypes.create_string_buffer(200)
+    code = lib.sslscale_jpeg_decode_box(data, len(data), info, scale, int(gray), *box,
+                                        None if out is None else out.ctypes.data,
+                                        0 if out is None else out.strides[0], ctypes.byref(x_start),
                                         err, len(err))
     if code == UNSUPPORTED:
         raise JpegBoxError("CMYK / YCCK JPEG")
     if code != 0:
         raise JpegBoxError(err.value.decode(errors="replace"))
-    return out[:, x0 - x_start.value:x1 - x_start.value]
-
-
-def _require() -> ctypes.CDLL:
-    lib, why = _library()
-    if lib is None:
-        raise RuntimeError(f"JPEG box decoding is unavailable: {why}")
-    return lib
+    return list(info), x_start.value
