@@ -4,6 +4,7 @@ a tiny MAE recipe for fast CPU runs."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,6 +131,13 @@ def tiny_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[
 def sslscale_cmd(*args: str) -> list[str]:
     """Run the installed CLI through this interpreter (works without activating the venv)."""
     return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def run_ok(cmd: list[str], code: int = 0) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repository; assert its exit code (stdout and stderr tails on failure)."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
 
 
 def process_tree(pid: int) -> list[int]:

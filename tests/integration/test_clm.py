@@ -3,19 +3,13 @@ evaluates on the held-out documents (in training and with ``sslscale eval lm``),
 folder that ``pipeline("text-generation")`` generates from."""
 
 import json
-import subprocess
 
 import pytest
 
-from ..conftest import CLM_RECIPE, ROOT, sslscale_cmd, tiny_text_overrides
+from ..conftest import CLM_RECIPE, sslscale_cmd, tiny_text_overrides
+from ..conftest import run_ok as run
 
 pytestmark = pytest.mark.integration
-
-
-def run(cmd, code=0):
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def test_clm_trains_evaluates_exports_and_generates(text_shards, tmp_path):
