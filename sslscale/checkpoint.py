@@ -7,7 +7,10 @@ state with the data positions), ``rank-XXXXX.pt`` per rank (its random states), 
 their sizes, written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest
 complete tag and moves only after its marker exists (temp file + rename). Resume ignores tags
 without a marker (a kill mid-save leaves ``latest`` on the previous one). ``retain`` deletes old
-ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one.
+ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one. An objective
+with several networks (``sslscale.engine_set``, a GAN) saves one DeepSpeed checkpoint per network
+in ``step-XXXXXXXX/<name>/``, all under the one marker (which lists them as ``"engines"``);
+``load_module_state`` joins them into the objective's state (``<name>.`` prefixes).
 
 Elastic resume: a checkpoint written by another number of ranks is converted once to a DeepSpeed
 universal checkpoint (``deepspeed.checkpoint.ds_to_universal``; Tian et al., "Universal

@@ -158,6 +158,7 @@ class GANConfig(_ImageViews):
     d_steps_per_g: int = 1  # discriminator optimizer steps per generator step
     d_lr: float = 0.0  # the discriminator's peak lr; 0: optim.lr
     g_lr: float = 0.0  # the generator's (BiGAN: generator + encoder) peak lr; 0: optim.lr
+    diff_augment: bool = False  # crop / flip the generated images as the real ones (DiffAugment)
     r1_gamma: float = 0.0  # R1 penalty gamma / 2 * |grad_x D(x)|^2 on real images (Mescheder et al. 2018); 0: off
     pooling: str = "cls"  # cls | mean: the discriminator's (encoder's) pooled features
 

@@ -19,6 +19,12 @@ Optional R1 penalty (Mescheder, Geiger & Nowozin, "Which Training Methods for GA
 Converge?", ICML 2018, arXiv 1801.04406): ``objective.r1_gamma / 2 * E ||grad_x D(x)||^2`` on
 real images, added to the discriminator's loss.
 
+With ``objective.diff_augment``, the real images' random crop and flip (``crop_scale``,
+``hflip``) is applied to the generated images too, differentiably (grid sampling), in both
+steps: DiffAugment (Zhao et al., "Differentiable Augmentation for Data-Efficient GAN Training",
+NeurIPS 2020, arXiv 2006.10738), so the discriminator cannot tell fakes by the augmentation
+alone and the generator is not pushed to draw crops.
+
 Several networks: ``networks()`` names the submodules that get a DeepSpeed engine each (own
 optimizer, own peak lr: ``objective.d_lr`` / ``objective.g_lr``); ``phases()`` lists the
 optimizer steps of one trainer step: ``objective.d_steps_per_g`` discriminator steps, each on
@@ -43,6 +49,7 @@ from sslscale.objectives.contrastive import vit_config
 from sslscale.registry import OBJECTIVES
 
 D_LATENT, G_LATENT = LATENT + 300, LATENT + 301  # the latents' tags (discriminator / generator steps)
+FAKE_SEED_FLIP = 1 << 40  # diff_augment: the generated images' crops and flips use seed XOR this
 
 
 class Phase(NamedTuple):
@@ -208,6 +215,7 @@ class GAN(nn.Module):
         super().__init__()
         o, m = cfg.objective, cfg.model
         self.latent_dim, self.d_steps, self.r1_gamma = o.latent_dim, o.d_steps_per_g, o.r1_gamma
+        self.diff_augment = o.diff_augment
         self.lr = {"discriminator": o.d_lr or None, "generator": o.g_lr or None}
         view = ViewConfig(crop_scale=tuple(o.crop_scale), hflip=o.hflip)
         self.transform = ViewAugment(m.image_size, cfg.data.mean, cfg.data.std, [view])
@@ -238,7 +246,17 @@ class GAN(nn.Module):
 
     def _generate(self, z: torch.Tensor) -> torch.Tensor:
         """Normalized generated images ``(B, C, S, S)`` fp32."""
-        return (self.generator(z).float() - self.transform.mean) / self.transform.std
+        return (self._draw(z).float() - self.transform.mean) / self.transform.std
+
+    def _draw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+    def _fake(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Normalized generated images for the discriminator: cropped and flipped as the real
+        ones (other draws: a bit of the seeds flipped) with ``diff_augment``."""
+        if self.diff_augment and self.training:
+            return self.transform(self._draw(z).float(), seeds ^ FAKE_SEED_FLIP, augment=True)
+        return self._generate(z)
 
     def _r1(self, loss, metrics, real_logits, real) -> torch.Tensor:
         if not self.r1_gamma:
@@ -252,14 +270,15 @@ class GAN(nn.Module):
         seeds = self._seeds(batch)
         real = self._real(batch, seeds).requires_grad_(bool(self.r1_gamma))
         with torch.no_grad():
-            fake = self._generate(self._latents(seeds, D_LATENT))
+            fake = self._fake(self._latents(seeds, D_LATENT), seeds)
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
         loss = discriminator_loss(real_logits, fake_logits)
         metrics = {"d_loss": loss.detach(), **accuracies(real_logits, fake_logits)}
         return ObjectiveOutput(loss=self._r1(loss, metrics, real_logits, real), metrics=metrics)
 
     def generator_loss(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        fake = self._generate(self._latents(self._seeds(batch), G_LATENT))
+        seeds = self._seeds(batch)
+        fake = self._fake(self._latents(seeds, G_LATENT), seeds)
         loss = generator_loss(self.discriminator(fake))
         return ObjectiveOutput(loss=loss, metrics={"g_loss": loss.detach()})
 
@@ -295,15 +314,15 @@ class BiGAN(GAN):
     def _build_discriminator(self, cfg) -> nn.Module:
         return JointDiscriminator(cfg)
 
-    def _generate(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.generator.generator(z).float() - self.transform.mean) / self.transform.std
+    def _draw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator.generator(z)
 
     def discriminator_loss(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         seeds = self._seeds(batch)
         real = self._real(batch, seeds).requires_grad_(bool(self.r1_gamma))
         z = self._latents(seeds, D_LATENT)
         with torch.no_grad():
-            encoded, fake = self.generator.encoder(real), self._generate(z)
+            encoded, fake = self.generator.encoder(real), self._fake(z, seeds)
         real_logits, fake_logits = self.discriminator(real, encoded), self.discriminator(fake, z)
         loss = discriminator_loss(real_logits, fake_logits)
         metrics = {"d_loss": loss.detach(), **accuracies(real_logits, fake_logits)}
@@ -314,7 +333,7 @@ class BiGAN(GAN):
         real = self._real(batch, seeds)
         z = self._latents(seeds, G_LATENT)
         real_logits = self.discriminator(real, self.generator.encoder(real))
-        fake_logits = self.discriminator(self._generate(z), z)
+        fake_logits = self.discriminator(self._fake(z, seeds), z)
         loss = discriminator_loss(fake_logits, real_logits)  # the labels swapped
         return ObjectiveOutput(loss=loss, metrics={"g_loss": loss.detach()})
 

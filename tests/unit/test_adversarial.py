@@ -19,7 +19,7 @@ def cfg(name="gan", **objective):
                   "attn_implementation": "eager"},
         "objective": {"name": name, "crop_scale": [1.0, 1.0], "hflip": True, "latent_dim": 8,
                       "generator_width": 8, "d_steps_per_g": 2, "d_lr": 1e-4, "g_lr": 0.0,
-                      "r1_gamma": 0.0, "pooling": "mean", **objective},
+                      "r1_gamma": 0.0, "diff_augment": False, "pooling": "mean", **objective},
         "data": {"mean": [0.5], "std": [0.25]}})
 
 
