@@ -119,3 +119,17 @@ def test_engine_set_only_freezes_the_other_networks():
         out = objective.generator_loss(batch())
         assert _reached(objective, out.loss) == {"generator"}
     assert all(p.requires_grad for p in objective.parameters())
+
+
+def test_diff_augment_crops_the_generated_images_differentiably():
+    torch.manual_seed(0)
+    objective = GAN(cfg(diff_augment=True, crop_scale=[0.35, 1.0]))
+    seeds = batch()["sample_seeds"]
+    z = objective._latents(seeds, 0)
+    plain, cropped = objective._generate(z), objective._fake(z, seeds)
+    assert cropped.shape == plain.shape and not torch.allclose(cropped, plain)
+    objective.eval()  # evaluation and sampling: no augmentation
+    assert torch.equal(objective._fake(z, seeds), plain)
+    objective.train()
+    out = objective.generator_loss(batch())
+    assert _reached(objective, out.loss) >= {"generator"}  # through the crop (grid sampling)
