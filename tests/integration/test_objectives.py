@@ -78,6 +78,9 @@ def test_pretext_and_autoencoder_objectives_train_evaluate_and_draw(real_shards,
         assert printed["rows"] == ["generated"] * 4 and "prior_out" not in printed
         assert train[-1]["samples_seen"] == 3 * 16 * (2 if name == "gan" else 1)
         assert (run_dir / "checkpoints" / "step-00000003" / "discriminator").is_dir()
+        if name == "gan":  # the encoder export reads the several-engine checkpoint (round-trip checked)
+            exported = json.loads(run(sslscale_cmd("export", str(run_dir), "--out", str(tmp_path / "hf"))).stdout)
+            assert exported["class"] == "ViTModel" and exported["step"] == 3
         return
     if name == "vae":
         assert Image.open(printed["prior_out"]).size == (2 * (4 * 30 - 2), 2 * (4 * 30 - 2))
