@@ -408,7 +408,8 @@ def _add_hub_commands(sub) -> None:
     plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
     plot.set_defaults(func=_plot)
     samples = sub.add_parser("samples", help="PNG grid of a dae or vae run's reconstructions of "
-                             "held-out images (and, for a vae, <OUT>-prior.png of samples from the prior)")
+                             "held-out images (and, for a vae, <OUT>-prior.png of samples from the prior); "
+                             "of a gan or bigan run's generated images")
     samples.add_argument("run_dir", help="the run's directory (run_dir)")
     samples.add_argument("--out", required=True, help="PNG file, e.g. samples.png")
     samples.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")

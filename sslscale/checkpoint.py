@@ -7,7 +7,10 @@ state with the data positions), ``rank-XXXXX.pt`` per rank (its random states), 
 their sizes, written by rank 0 after a barrier). ``RUN_DIR/checkpoints/latest`` names the newest
 complete tag and moves only after its marker exists (temp file + rename). Resume ignores tags
 without a marker (a kill mid-save leaves ``latest`` on the previous one). ``retain`` deletes old
-ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one.
+ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one. An objective
+with several networks (``sslscale.engine_set``, a GAN) saves one DeepSpeed checkpoint per network
+in ``step-XXXXXXXX/<name>/``, all under the one marker (which lists them as ``"engines"``);
+``load_module_state`` joins them into the objective's state (``<name>.`` prefixes).
 
 Elastic resume: a checkpoint written by another number of ranks is converted once to a DeepSpeed
 universal checkpoint (``deepspeed.checkpoint.ds_to_universal``; Tian et al., "Universal
@@ -163,6 +166,8 @@ def _save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[s
                   "world_size": world_size,
                   "zero_stage": ds_engine.zero_optimization_stage(),
                   "model": model_signature(client_state.get("config"))}
+        if hasattr(ds_engine, "engines"):  # several networks: step-X/<name>/ each
+            marker["engines"] = list(ds_engine.engines)
         _write_atomic(folder / MARKER, json.dumps(marker, indent=1))
         _write_atomic(root / LATEST, tag)
     _barrier()
@@ -374,8 +379,17 @@ def _load(ds_engine, folder: Path) -> dict[str, Any]:
     marker = json.loads((folder / MARKER).read_text())
     elastic = marker.get("world_size", world_size) != world_size
     universal = elastic and marker.get("zero_stage", 0) > 0  # ZeRO-0 state is not partitioned
-    source = to_universal(folder) if universal else folder
-    load_path, client_state = load_checkpoint(ds_engine, source, universal=universal)
+    if hasattr(ds_engine, "engines"):  # sslscale.engine_set: several engines, same world size
+        if elastic:
+            from sslscale.config import ConfigError
+            raise ConfigError(f"checkpoint {folder} holds several engines ({', '.join(ds_engine.engines)}) "
+                              f"written by {marker.get('world_size')} rank(s); it resumes on that "
+                              f"world size only (this run has {world_size})")
+        load_path, client_state = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        source = folder
+    else:
+        source = to_universal(folder) if universal else folder
+        load_path, client_state = load_checkpoint(ds_engine, source, universal=universal)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {source}")
     _restore_frozen_zero3(ds_engine.module, folder, marker.get("world_size", world_size))
@@ -398,6 +412,11 @@ def load_module_state(folder: Path, zero_stage: int | None = None) -> dict[str, 
         raise FileNotFoundError(f"{folder}: not a complete checkpoint")
     if zero_stage is None:
         zero_stage = json.loads((folder / MARKER).read_text()).get("zero_stage") or 0
+    engines = json.loads((folder / MARKER).read_text()).get("engines")
+    if engines:  # several networks (sslscale.engine_set): network `name` is the objective's `name.`
+        return {f"{name}.{k}": v for name in engines
+                for k, v in torch.load(folder / name / "mp_rank_00_model_states.pt", map_location="cpu",
+                                       weights_only=True)["module"].items()}
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with weights_only_loads():

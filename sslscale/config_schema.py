@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 @dataclass
 class ObjectiveBase:
     """Keys every objective has."""
-    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | wav2vec2 | classify
+    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | wav2vec2 | gan | bigan | classify
 
 
 @dataclass
@@ -147,8 +147,31 @@ class Wav2Vec2Config(ObjectiveBase):
     gumbel_temperature_decay: float = 0.999995
 
 
+@dataclass
+class GANConfig(_ImageViews):
+    """GAN (Goodfellow et al. 2014) with a DCGAN-style generator (Radford et al. 2016) against a
+    ViT discriminator whose pooled features are the encoder: ``sslscale.objectives.adversarial``.
+    The generator and the discriminator are separate DeepSpeed engines (own optimizers)."""
+    name: str = "gan"
+    latent_dim: int = 64  # z ~ N(0, I), drawn from the sample seeds
+    generator_width: int = 64  # channels of the generator's last hidden layer (x2 per level up)
+    d_steps_per_g: int = 1  # discriminator optimizer steps per generator step
+    d_lr: float = 0.0  # the discriminator's peak lr; 0: optim.lr
+    g_lr: float = 0.0  # the generator's (BiGAN: generator + encoder) peak lr; 0: optim.lr
+    diff_augment: bool = False  # crop / flip the generated images as the real ones (DiffAugment)
+    r1_gamma: float = 0.0  # R1 penalty gamma / 2 * |grad_x D(x)|^2 on real images (Mescheder et al. 2018); 0: off
+    pooling: str = "cls"  # cls | mean: the discriminator's (encoder's) pooled features
+
+
+@dataclass
+class BiGANConfig(GANConfig):
+    """BiGAN (Donahue, Kraehenbuehl & Darrell 2017): an encoder E trained jointly with the
+    generator against a discriminator on (x, E(x)) vs (G(z), z); E's ViT is exported."""
+    name: str = "bigan"
+
+
 OBJECTIVE_SCHEMAS: dict[str, type] = {
-    "classify": ClassifyConfig, "clm": CLMConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
+    "bigan": BiGANConfig, "gan": GANConfig, "classify": ClassifyConfig, "clm": CLMConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
     "moco_v3": MoCoV3Config, "rotnet": RotNetConfig, "simclr": SimCLRConfig,
     "simsiam": SimSiamConfig, "vae": VAEConfig, "wav2vec2": Wav2Vec2Config}
 # the keys of the one flat ObjectiveConfig before per-objective schemas (old saved config.yaml files)
@@ -232,7 +255,7 @@ MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "gpt2": GPT2ModelConf
                                   "wav2vec2": Wav2Vec2ModelConfig}
 # the model families each objective runs on; the first is the default (classify: from the data)
 OBJECTIVE_MODELS: dict[str, tuple[str, ...]] = {
-    "classify": ("vit", "bert"), "clm": ("gpt2",), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
+    "bigan": ("vit",), "gan": ("vit",), "classify": ("vit", "bert"), "clm": ("gpt2",), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
     "moco_v3": ("vit",), "rotnet": ("vit",), "simclr": ("vit",), "simsiam": ("vit",), "vae": ("vit",),
     "wav2vec2": ("wav2vec2",)}
 SCHEMAS = {"objective": OBJECTIVE_SCHEMAS, "model": MODEL_SCHEMAS}
@@ -371,7 +394,10 @@ _RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing
            "objective.diversity_loss_weight": (0.0, 1e6, True),
            "objective.min_gumbel_temperature": (1e-6, 1e6, True),
            "objective.max_gumbel_temperature": (1e-6, 1e6, True),
-           "objective.gumbel_temperature_decay": (0.0, 1.0, True)}
+           "objective.gumbel_temperature_decay": (0.0, 1.0, True),
+           "objective.d_steps_per_g": (1, 1 << 10, True), "objective.generator_width": (1, 1 << 14, True),
+           "objective.d_lr": (0.0, 1e3, True), "objective.g_lr": (0.0, 1e3, True),
+           "objective.r1_gamma": (0.0, 1e6, True)}
 _PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
                   "objective.random_replace_prob", "objective.color_jitter_prob",
                   "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")

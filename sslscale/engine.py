@@ -89,10 +89,12 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
                              weight_decay=cfg.optim.weight_decay)
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg) -> dict[str, float]:
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg,
+                    peak_lr: float | None = None) -> dict[str, float]:
     """Write the lr (times each group's ``lr_scale``) and weight decay (times ``wd_scale``) for
-    optimizer step ``step`` into every param group; returns the unscaled ``{"lr", "weight_decay"}``."""
-    lr = lr_at(step, lr=cfg.optim.lr, max_steps=cfg.train.max_steps,
+    optimizer step ``step`` into every param group; returns the unscaled ``{"lr", "weight_decay"}``.
+    ``peak_lr`` replaces ``optim.lr`` (a network of several with its own learning rate)."""
+    lr = lr_at(step, lr=cfg.optim.lr if peak_lr is None else peak_lr, max_steps=cfg.train.max_steps,
                warmup_steps=cfg.optim.warmup_steps, min_lr=cfg.optim.min_lr)
     wd = weight_decay_at(step, weight_decay=cfg.optim.weight_decay, max_steps=cfg.train.max_steps,
                          weight_decay_end=cfg.optim.weight_decay_end)
@@ -196,7 +198,8 @@ def init_distributed(timeout_s: float = 600) -> None:
 
 
 def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> Engine:
-    """Build the objective with ``build_model()`` and wrap it in a DeepSpeed engine.
+    """Build the objective with ``build_model()`` and wrap it in a DeepSpeed engine (an objective
+    with several ``networks()``: an ``sslscale.engine_set.EngineSet``, one engine per network).
 
     Raises ``ConfigError`` for batch sizes that do not divide or fp16 on CPU.
     """
@@ -214,6 +217,9 @@ def build_engine(cfg, world_size: int, build_model: Callable[[], nn.Module]) -> 
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # partitions the model as it is built
     model = build_model()
+    if hasattr(model, "networks"):  # several networks (a GAN): one engine each
+        from sslscale.engine_set import build_engine_set
+        return build_engine_set(cfg, world_size, model, precision, ds_config)
     optimizer = build_optimizer(model, cfg)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                        dist_init_required=False)

@@ -167,6 +167,19 @@ def autoencoder_flops_per_sample(cfg) -> float:
     return _vit_flops(m) + TRAIN * (decoder + posterior)
 
 
+def adversarial_flops_per_sample(cfg) -> float:
+    """Training FLOPs per real image read by ``gan`` / ``bigan``, counting the ViTs only (the
+    DCGAN generator's convolutions and the small heads are left out). Per discriminator step and
+    image: the discriminator on a real and a fake image (``bigan``: and E's forward); the
+    generator step (on the last discriminator step's images) sends a fake image (``bigan``: and
+    the real pair, through E) through the discriminator. Divided by ``d_steps_per_g``, the
+    discriminator steps that read data."""
+    vit, d = _vit_flops(cfg.model), cfg.objective.d_steps_per_g
+    if cfg.objective.name == "bigan":
+        return (d * (2 + 1 / TRAIN) + 3) * vit / d
+    return (2 * d + 1) * vit / d
+
+
 def wav2vec2_flops_per_sample(cfg, num_samples: int | None = None) -> float:
     """Training FLOPs per clip of wav2vec 2.0 on ``num_samples`` waveform samples (the padded
     length the batch has; default ``data.max_audio_seconds`` at 16 kHz)."""
@@ -243,8 +256,10 @@ def flops_per_sample(cfg, **data) -> float:
         return autoencoder_flops_per_sample(cfg)
     if name == "wav2vec2":
         return wav2vec2_flops_per_sample(cfg, **data)
+    if name in ("gan", "bigan"):
+        return adversarial_flops_per_sample(cfg)
     raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
-                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae, wav2vec2)")
+                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae, wav2vec2, gan, bigan)")
 
 
 def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,

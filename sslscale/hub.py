@@ -69,10 +69,13 @@ def _checkpoint_folder(run_dir: Path, step: int | None) -> Path:
 
 
 def _client_state(folder: Path) -> dict[str, Any]:
-    """The checkpoint's client state (step, samples_seen, ...) without its tensors."""
+    """The checkpoint's client state (step, samples_seen, ...) without its tensors (several
+    engines, ``sslscale.engine_set``: the first one's, each holds it)."""
+    engines = json.loads((folder / checkpoint.MARKER).read_text()).get("engines") or [""]
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (folder / name).is_file():
-            states = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+        path = folder / engines[0] / name
+        if path.is_file():
+            states = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return {k: v for k, v in states.items() if k in ("step", "samples_seen", "tokens_seen")}
     raise FileNotFoundError(f"{folder}: no DeepSpeed model states file (mp_rank_00_model_states.pt)")
 

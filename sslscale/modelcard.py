@@ -58,6 +58,11 @@ PAPERS = {
     "dae": Paper('Vincent et al., "Extracting and Composing Robust Features with Denoising '
                  'Autoencoders", ICML 2008', None, "https://doi.org/10.1145/1390156.1390294"),
     "vae": Paper('Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014', "1312.6114"),
+    "gan": Paper('Radford, Metz & Chintala, "Unsupervised Representation Learning with Deep '
+                 'Convolutional Generative Adversarial Networks" (DCGAN), ICLR 2016; Goodfellow et al., '
+                 '"Generative Adversarial Nets", NeurIPS 2014', "1511.06434"),
+    "bigan": Paper('Donahue, Kraehenbuehl & Darrell, "Adversarial Feature Learning", ICLR 2017',
+                   "1605.09782"),
     "wav2vec2": Paper('Baevski, Zhou, Mohamed & Auli, "wav2vec 2.0: A Framework for Self-Supervised '
                       'Learning of Speech Representations", NeurIPS 2020', "2006.11477"),
 }
@@ -67,6 +72,8 @@ _DROPPED = {"mae": "the MAE decoder", "simclr": "the projection head",
             "simsiam": "the projector and the predictor", "rotnet": "the 4-way rotation head",
             "dae": "the patch decoder",
             "vae": "the posterior layer (sslscale's kNN scores its mean of the pooled tokens) and the decoder",
+            "gan": "the real/fake head and the generator (the published ViT is the discriminator's)",
+            "bigan": "the encoder's linear layer to the latent, the generator and the discriminator",
             "wav2vec2": "the quantizer (its codebooks) and the two projections of the contrastive loss"}
 # Manifest source -> (hub dataset id or datasets' packaged builder, human name) for the card's
 # ``datasets:`` and ``model-index``; an unknown source is written as it is.

@@ -4,7 +4,8 @@ For an objective with ``reconstruct`` (``dae``, ``vae``): the first ``num_images
 images (``eval.test_shards``, else ``data.train_shards``, in manifest order, un-augmented), one
 row each of the input, the corrupted input (DAE) and the reconstruction. For an objective with
 ``sample`` (``vae``), ``<stem>-prior.png`` beside it: a grid of images decoded from latents
-drawn from the prior N(0, I) (seeded, so the same checkpoint gives the same picture).
+drawn from the prior N(0, I) (seeded, so the same checkpoint gives the same picture). For a
+generator without reconstructions (``gan``, ``bigan``): that grid of generated images is ``out``.
 """
 
 from __future__ import annotations
@@ -55,11 +56,17 @@ def write_samples(run_dir: str, out: str | os.PathLike, *, step: int | None = No
         raise ValueError(f"--num-images {num_images}: must be >= 1")
     cfg, folder = _load_run(run_dir, step)
     objective = build_objective(cfg)
-    if not hasattr(objective, "reconstruct"):
-        raise ValueError(f"{run_dir}: objective {cfg.objective.name} does not reconstruct images; "
-                         "sslscale samples draws dae and vae runs")
+    if not hasattr(objective, "reconstruct") and not hasattr(objective, "sample"):
+        raise ValueError(f"{run_dir}: objective {cfg.objective.name} neither reconstructs nor generates "
+                         "images; sslscale samples draws dae, vae, gan and bigan runs")
     objective.load_state_dict(checkpoint.load_module_state(folder))
     objective.eval()
+    scale = max(1, 64 // cfg.model.image_size)
+    if not hasattr(objective, "reconstruct"):  # a generator only (gan, bigan)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        image_grid(list(objective.sample(4 * num_images, seed=seed).chunk(4)), scale=scale).save(out)
+        return {"run_dir": str(run_dir), "step": checkpoint.step_of(folder), "out": str(out),
+                "rows": ["generated"] * 4}
     key = "--shards" if shards else ("eval.test_shards" if cfg.eval.test_shards else "data.train_shards")
     manifest = load_manifest_for(key, shards or cfg.eval.test_shards or cfg.data.train_shards)
     decode = ImageDecoder.for_manifest(manifest, cfg.model.image_size, cfg.model.num_channels)
@@ -68,7 +75,6 @@ def write_samples(run_dir: str, out: str | os.PathLike, *, step: int | None = No
     if batch is None:
         raise ValueError(f"{key} {shards or manifest.root}: no image to reconstruct")
     rows = objective.reconstruct({"pixel_values": batch["pixel_values"], "sample_seeds": batch["sample_seeds"]})
-    scale = max(1, 64 // cfg.model.image_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(list(rows.values()), scale=scale).save(out)

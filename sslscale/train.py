@@ -191,7 +191,9 @@ def _run(cfg, env, manifest, make_batches, stop) -> int:
         metrics.info(f"initialized the model from {init_from} (train.init_from)")
     metrics.info(f"engine: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {engine.precision}, "
                  f"{engine.device}, world size {env.world_size}, "
-                 f"grad accumulation {engine.grad_accum_steps}, {type(engine.optimizer).__name__}")
+                 f"grad accumulation {engine.grad_accum_steps}, {type(engine.optimizer).__name__}"
+                 + (f" per network, {len(engine.engines)} engines: {', '.join(engine.engines)}"
+                    if hasattr(engine, "engines") else ""))
     watchdog = StallWatchdog(run_dir, env.rank, env.world_size, cfg.train.stall_timeout_s).start()
     try:
         trainer = Trainer(cfg, engine, make_batches=make_batches,

@@ -69,6 +69,7 @@ class Trainer:
         self._crash_at = int(fault[14:]) if fault.startswith("crash-at-step:") else None
         self._window = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, micro-batches
         self._window_metrics: dict[str, torch.Tensor] = {}  # the objective's own terms, summed
+        self._window_counts: dict[str, torch.Tensor] = {}  # ... over this many finite micro-batches
         self._window_start = (time.perf_counter(), 0, 0)  # time, step, tokens_seen
         self._tokens_pending = 0  # this rank's input tokens not yet counted in tokens_seen
         self._step_hook = getattr(engine.module, "on_step_start", None)  # e.g. MoCo's EMA
@@ -164,11 +165,8 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.phase(name)
 
-    def _forward(self, batches: Iterator[dict]) -> torch.Tensor:
-        """Loss of the next micro-batch, for backward. Nothing here waits on the device: a
-        non-finite loss is counted on the device and multiplied by NaN (the loss of a finite one
-        by 1), so its gradients are non-finite for certain and the optimizer step that contains
-        it is skipped (``Engine.backward_step``); it adds nothing to the logged means."""
+    def _next_batch(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
+        """The next micro-batch on the device; its stream positions and token count taken."""
         batch = next(batches)
         self._take_data_state(batch)
         if "input_ids" not in batch:  # images, audio (its attention_mask covers waveform samples)
@@ -179,7 +177,17 @@ class Trainer:
             self._tokens_pending += batch["input_ids"].numel()
         batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
         self._last_batch = batch
-        out = self.engine.ds(batch)
+        return batch
+
+    def _forward(self, batch: dict[str, torch.Tensor], loss_of: Callable | None = None,
+                 logs_loss: bool = True) -> torch.Tensor:
+        """Loss of micro-batch ``batch`` (``loss_of(batch)``, by default the engine's forward),
+        for backward. Nothing here waits on the device: a non-finite loss is counted on the
+        device and multiplied by NaN (the loss of a finite one by 1), so its gradients are
+        non-finite for certain and the optimizer step that contains it is skipped
+        (``Engine.backward_step``); it adds nothing to the logged means. ``logs_loss``: it adds
+        to ``train/loss`` (the objective's metrics are logged in any case)."""
+        out = (self.engine.ds if loss_of is None else loss_of)(batch)
         loss = out.loss
         self._micro_batches += 1
         if self._fault is not None and self._fault[0] <= self._micro_batches <= self._fault[1] \
@@ -187,12 +195,44 @@ class Trainer:
             loss = loss * float("nan")  # tests: SSLSCALE_FAULT_INJECT=nan-loss:A-B
         finite = torch.isfinite(loss.detach())
         self._step_nonfinite += ~finite
-        self._window[0] += torch.where(finite, loss.detach().double(), 0.0)
-        self._window[1] += finite
+        if logs_loss:
+            self._window[0] += torch.where(finite, loss.detach().double(), 0.0)
+            self._window[1] += finite
         for name, value in out.metrics.items():
             value = torch.where(finite, value.detach().double(), 0.0)
             self._window_metrics[name] = self._window_metrics.get(name, 0.0) + value
+            self._window_counts[name] = self._window_counts.get(name, 0) + finite.double()
         return loss * torch.where(finite, 1.0, float("nan"))
+
+    def _optimizer_steps(self, batches: Iterator[dict]) -> bool:
+        """The optimizer steps of one trainer step; True if all were applied. One engine: one
+        step of ``grad_accum_steps`` micro-batches. Several (``sslscale.engine_set``): one per
+        phase of the objective (``phases()``: e.g. ``d_steps_per_g`` discriminator steps, then a
+        generator step), only that network's parameters requiring gradients; a phase that reads
+        no data reuses the micro-batches of the phase before it."""
+        if not hasattr(self.engine, "engines"):
+            for _ in range(self.engine.grad_accum_steps):
+                applied = self.engine.backward_step(self._forward(self._next_batch(batches)))
+            return applied
+        applied, read = True, []
+        for phase in self.engine.module.phases():
+            engine = self.engine.engines[phase.network]
+            if phase.reads_data:
+                read = []
+            with self.engine.only(phase.network):
+                for i in range(engine.grad_accum_steps):
+                    if phase.reads_data:
+                        read.append(self._next_batch(batches))
+                    loss = self._forward(read[i], phase.loss, phase.logs_loss)
+                    done = engine.backward_step(loss)
+                applied = bool(done) and applied
+        return applied
+
+    def _reads_per_step(self) -> int:
+        """Micro-batches per rank and accumulation step that one trainer step reads."""
+        if not hasattr(self.engine, "engines"):
+            return 1
+        return sum(phase.reads_data for phase in self.engine.module.phases())
 
     def _after_skipped_step(self) -> bool:
         """An optimizer step was skipped for non-finite gradients (every rank alike). If a
@@ -231,13 +271,15 @@ class Trainer:
         while True:
             if self._step_hook is not None:
                 self._step_hook(self.state.step, self.cfg.train.max_steps)
-            hparams = apply_schedules(self.engine.optimizer, self.state.step, self.cfg)
+            hparams = self.engine.apply_schedules(self.state.step, self.cfg) \
+                if hasattr(self.engine, "engines") else \
+                apply_schedules(self.engine.optimizer, self.state.step, self.cfg)
             self._step_nonfinite.zero_()
-            for _ in range(self.engine.grad_accum_steps):
-                applied = self.engine.backward_step(self._forward(batches))
+            applied = self._optimizer_steps(batches)
             self._nonfinite += self._step_nonfinite
             self.state.step += 1
-            self.state.samples_seen += self.cfg.train.global_batch_size  # read, skipped or not
+            # read, skipped or not
+            self.state.samples_seen += self.cfg.train.global_batch_size * self._reads_per_step()
             if applied:
                 self._bad_steps = 0
                 return hparams
@@ -246,7 +288,9 @@ class Trainer:
 
     def _log_train(self, hparams: dict[str, float]) -> None:
         names = sorted(self._window_metrics)
-        window = torch.cat([self._window, torch.stack([self._window_metrics[n] for n in names])]) \
+        window = torch.cat([self._window, torch.stack([self._window_metrics[n] for n in names]),
+                            torch.stack([torch.as_tensor(self._window_counts[n], device=self._window.device)
+                                         for n in names])]) \
             if names else self._window.clone()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(window)
@@ -262,7 +306,10 @@ class Trainer:
             "train/epoch": self.state.samples_seen / self.samples_per_epoch,
             "samples_seen": self.state.samples_seen,
         }
-        metrics.update({f"train/{n}": (window[2 + i] / window[1]).item() for i, n in enumerate(names)})
+        metrics.update({f"train/{n}": (window[2 + i] / window[2 + len(names) + i]).item()
+                        for i, n in enumerate(names)})
+        metrics.update({f"train/{k}": v for k, v in hparams.items() if k not in ("lr", "weight_decay")})
+        metrics.update(getattr(self.engine, "log_metrics", dict)())
         metrics.update(self._flop_metrics(metrics["perf/samples_per_sec"]))
         if self.state.tokens_seen:
             metrics["perf/tokens_per_sec"] = (self.state.tokens_seen - start_tokens) / (now - start_time)
@@ -274,6 +321,7 @@ class Trainer:
         self.metrics.advance(self.state.step, f"loss {metrics['train/loss']:.4f}")
         self._window.zero_()
         self._window_metrics.clear()
+        self._window_counts.clear()
         self._restart_window()
 
     def nonfinite_micro_batches(self) -> int:
@@ -327,7 +375,7 @@ class Trainer:
         self.resume()
         self.engine.module.train()
         # Same world size: the loader's first worker continues where the next one in turn was.
-        phase = self.state.step * self.engine.grad_accum_steps
+        phase = self.state.step * self.engine.grad_accum_steps * self._reads_per_step()
         batches = iter(self.make_batches(self.positions, phase))
         self._vote = StopVote()
         self._restart_window()

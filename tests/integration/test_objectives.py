@@ -47,7 +47,11 @@ def test_two_view_objective_trains_and_evaluates(real_shards, tmp_path, name):
 
 @pytest.mark.parametrize("name, extra", [("rotnet", ["objective.rotations_per_image=2"]),
                                          ("dae", ["objective.noise=gaussian"]),
-                                         ("vae", ["objective.latent_dim=8"])])
+                                         ("vae", ["objective.latent_dim=8"]),
+                                         # two engines on 1 rank, ZeRO-0 (the recipe's)
+                                         ("gan", ["objective.latent_dim=8", "objective.generator_width=8",
+                                                  "objective.d_steps_per_g=2"]),
+                                         ("bigan", ["objective.latent_dim=8", "objective.generator_width=8"])])
 def test_pretext_and_autoencoder_objectives_train_evaluate_and_draw(real_shards, tmp_path, name, extra):
     from PIL import Image
 
@@ -59,16 +63,25 @@ def test_pretext_and_autoencoder_objectives_train_evaluate_and_draw(real_shards,
     train = [r for r in logged if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3] and all(math.isfinite(r["train/loss"]) for r in train)
     assert 0.0 < logged[-1]["eval/knn_top1"] <= 1.0 and train[-1]["perf/model_tflops_per_device"] > 0
-    term = {"rotnet": "train/rotation_accuracy", "vae": "train/kl_loss", "dae": "train/loss"}[name]
+    term = {"rotnet": "train/rotation_accuracy", "vae": "train/kl_loss", "dae": "train/loss",
+            "gan": "train/d_real_accuracy", "bigan": "train/discriminator_grad_norm"}[name]
     assert all(term in r for r in train)
     out = tmp_path / "pictures" / "grid.png"
     if name == "rotnet":  # nothing to draw: the error names the objective
         proc = subprocess.run(sslscale_cmd("samples", str(run_dir), "--out", str(out)), cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 2 and "objective rotnet does not reconstruct images" in proc.stderr
+        assert proc.returncode == 2 and "objective rotnet neither reconstructs nor generates images" in proc.stderr
         return
     printed = json.loads(run(sslscale_cmd("samples", str(run_dir), "--out", str(out), "--num-images", "4")).stdout)
     assert printed["step"] == 3 and Image.open(out).size == (2 * (4 * 30 - 2), 2 * (len(printed["rows"]) * 30 - 2))
+    if name in ("gan", "bigan"):  # generated images only; two discriminator steps per step
+        assert printed["rows"] == ["generated"] * 4 and "prior_out" not in printed
+        assert train[-1]["samples_seen"] == 3 * 16 * (2 if name == "gan" else 1)
+        assert (run_dir / "checkpoints" / "step-00000003" / "discriminator").is_dir()
+        if name == "gan":  # the encoder export reads the several-engine checkpoint (round-trip checked)
+            exported = json.loads(run(sslscale_cmd("export", str(run_dir), "--out", str(tmp_path / "hf"))).stdout)
+            assert exported["class"] == "ViTModel" and exported["step"] == 3
+        return
     if name == "vae":
         assert Image.open(printed["prior_out"]).size == (2 * (4 * 30 - 2), 2 * (4 * 30 - 2))
     else:
