@@ -122,8 +122,12 @@ class Wav2Vec2Objective(nn.Module):
     bool, "sampled_negative_indices": (B, T, K) int64 (frame indices in the same clip),
     "sample_seeds": (B,) int64}`` (``sslscale.data.audio.AudioDecoder`` with ``SpanMasking``).
     ``forward``: ``L_m + alpha L_d`` (scalar) and the metrics ``contrastive_loss``,
-    ``diversity_loss``, ``codebook_perplexity`` (of the soft assignments, summed over groups),
-    ``gumbel_temperature``, ``masked_fraction`` (all detached, on the device: no host sync).
+    ``contrastive_chance`` (the ``L_m`` of a uniform guess: ``ln(1 + K')`` with ``K'`` the
+    distractors unlike the positive, averaged over the masked frames: ``L_m`` also falls below
+    ``ln(K + 1)`` when codebooks collapse and distractors drop out, only learning takes it below
+    this), ``diversity_loss``, ``codebook_perplexity`` (of the soft assignments, summed over
+    groups), ``gumbel_temperature``, ``masked_fraction`` (all detached, on the device: no host
+    sync).
     ``features``: the mean of the last hidden states over a clip's frames ``(B, hidden_size)``."""
 
     def __init__(self, cfg):
@@ -183,11 +187,13 @@ class Wav2Vec2Objective(nn.Module):
         per_frame = -F.log_softmax(logits, dim=-1)[..., 0]
         weights = mask.to(per_frame.dtype)
         contrastive = (per_frame * weights).sum() / weights.sum().clamp_min(1)
+        # a uniform guess among each frame's candidates: ln(1 + distractors unlike the positive)
+        chance = (torch.log(torch.isfinite(logits).sum(-1).to(weights.dtype)) * weights).sum() / weights.sum().clamp_min(1)
         entries = self.model.quantizer.num_groups * self.model.quantizer.num_vars
         diversity = (entries - perplexity) / entries
         metrics = {"contrastive_loss": contrastive.detach(), "diversity_loss": diversity.detach(),
                    "codebook_perplexity": perplexity.detach(), "gumbel_temperature": self.gumbel_tau.float(),
-                   "masked_fraction": weights.mean().detach()}
+                   "contrastive_chance": chance.detach(), "masked_fraction": weights.mean().detach()}
         return ObjectiveOutput(loss=contrastive + self.alpha * diversity, metrics=metrics)
 
     def encoder(self) -> nn.Module:
