@@ -14,6 +14,8 @@ the two projections; sizes from the recipe's ``model`` section, ``model.name: wa
   ``num_codevectors_per_group`` V entries, chosen with a straight-through Gumbel softmax whose
   noise is drawn per sample from its seed too (``sslscale.data.augment.uniform``, tag
   ``GUMBEL``) and whose temperature anneals as a pure function of the step (:func:`gumbel_temperature`).
+  ``objective.codevector_init: centered`` draws the codebooks from U(-0.5, 0.5) (project_q's bias
+  0) instead of the reference U(0, 1), whose shared positive mean makes all targets alike at init.
 - §3.2 loss: ``L = L_m + alpha L_d``. ``L_m``: for each masked frame, cross-entropy of the
   cosine similarities / ``contrastive_logits_temperature`` between the transformer output (after
   ``project_hid``) and its true quantized latent against ``num_negatives`` distractors
@@ -134,6 +136,10 @@ class Wav2Vec2Objective(nn.Module):
         super().__init__()
         o = cfg.objective
         self.model = Wav2Vec2ForPreTraining(wav2vec2_config(cfg))
+        if o.codevector_init == "centered":  # see config_schema.Wav2Vec2Config.codevector_init
+            with torch.no_grad():
+                self.model.quantizer.codevectors.uniform_(-0.5, 0.5)
+                self.model.project_q.bias.zero_()
         self.temperature, self.alpha = o.contrastive_logits_temperature, o.diversity_loss_weight
         self.schedule = dict(max_temperature=o.max_gumbel_temperature, min_temperature=o.min_gumbel_temperature,
                              decay=o.gumbel_temperature_decay)

@@ -236,3 +236,19 @@ def test_loss_matches_transformers_pretraining(audio_shards):
     assert out.metrics["contrastive_loss"] == pytest.approx((ref.contrastive_loss / masked).item(), rel=1e-5)
     assert out.metrics["diversity_loss"] == pytest.approx((ref.diversity_loss / masked).item(), rel=1e-5)
 
+
+@pytest.mark.parametrize("init", ["uniform", "centered"])
+def test_codevector_init_sets_how_alike_the_targets_start(audio_shards, init):
+    """transformers' (and fairseq's) U(0, 1) codebook makes every target alike at init (cosine
+    ~0.85: the logits of the positive and its distractors differ by < 1.5 at temperature 0.1);
+    ``objective.codevector_init=centered`` starts them near orthogonal."""
+    torch.manual_seed(0)
+    objective = build_objective(w2v_config(audio_shards, f"objective.codevector_init={init}"))
+    q = objective.model.quantizer
+    books = q.codevectors.view(q.num_groups, q.num_vars, -1)
+    codes = torch.randint(0, q.num_vars, (256, q.num_groups))  # random product-codebook entries
+    targets = objective.model.project_q(torch.cat([books[g, codes[:, g]] for g in range(q.num_groups)], -1))
+    cosine = torch.nn.functional.cosine_similarity(targets[:128], targets[128:], dim=-1).mean().item()
+    assert (cosine > 0.6) if init == "uniform" else (abs(cosine) < 0.2)
+    with pytest.raises(ConfigError, match="objective.codevector_init"):
+        w2v_config(audio_shards, "objective.codevector_init=normal")
