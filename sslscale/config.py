@@ -169,6 +169,7 @@ _CHOICES = {
     "objective.negatives": ("global", "local"),
     "objective.noise": ("masking", "gaussian"),
     "model.feat_extract_norm": ("layer", "group"),
+    "objective.codevector_init": ("uniform", "centered"),
 }
 
 # key -> (comparison, bound) its value must pass; None (an Optional key left unset) passes

@@ -145,6 +145,11 @@ class Wav2Vec2Config(ObjectiveBase):
     max_gumbel_temperature: float = 2.0
     min_gumbel_temperature: float = 0.5
     gumbel_temperature_decay: float = 0.999995
+    # codebook entries at init: "uniform" U(0, 1) (transformers' and fairseq's: all entries share
+    # a large positive mean, so every frame's target has cosine ~0.85 with every other frame's and
+    # the logits of the positive and the distractors differ by < 1.5 at temperature 0.1) or
+    # "centered" U(-0.5, 0.5) with project_q's bias 0 (targets of different entries near orthogonal)
+    codevector_init: str = "uniform"
 
 
 @dataclass

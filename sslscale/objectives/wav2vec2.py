@@ -14,6 +14,8 @@ the two projections; sizes from the recipe's ``model`` section, ``model.name: wa
   ``num_codevectors_per_group`` V entries, chosen with a straight-through Gumbel softmax whose
   noise is drawn per sample from its seed too (``sslscale.data.augment.uniform``, tag
   ``GUMBEL``) and whose temperature anneals as a pure function of the step (:func:`gumbel_temperature`).
+  ``objective.codevector_init: centered`` draws the codebooks from U(-0.5, 0.5) (project_q's bias
+  0) instead of the reference U(0, 1), whose shared positive mean makes all targets alike at init.
 - §3.2 loss: ``L = L_m + alpha L_d``. ``L_m``: for each masked frame, cross-entropy of the
   cosine similarities / ``contrastive_logits_temperature`` between the transformer output (after
   ``project_hid``) and its true quantized latent against ``num_negatives`` distractors
@@ -122,14 +124,22 @@ class Wav2Vec2Objective(nn.Module):
     bool, "sampled_negative_indices": (B, T, K) int64 (frame indices in the same clip),
     "sample_seeds": (B,) int64}`` (``sslscale.data.audio.AudioDecoder`` with ``SpanMasking``).
     ``forward``: ``L_m + alpha L_d`` (scalar) and the metrics ``contrastive_loss``,
-    ``diversity_loss``, ``codebook_perplexity`` (of the soft assignments, summed over groups),
-    ``gumbel_temperature``, ``masked_fraction`` (all detached, on the device: no host sync).
+    ``contrastive_chance`` (the ``L_m`` of a uniform guess: ``ln(1 + K')`` with ``K'`` the
+    distractors unlike the positive, averaged over the masked frames: ``L_m`` also falls below
+    ``ln(K + 1)`` when codebooks collapse and distractors drop out, only learning takes it below
+    this), ``diversity_loss``, ``codebook_perplexity`` (of the soft assignments, summed over
+    groups), ``gumbel_temperature``, ``masked_fraction`` (all detached, on the device: no host
+    sync).
     ``features``: the mean of the last hidden states over a clip's frames ``(B, hidden_size)``."""
 
     def __init__(self, cfg):
         super().__init__()
         o = cfg.objective
         self.model = Wav2Vec2ForPreTraining(wav2vec2_config(cfg))
+        if o.codevector_init == "centered":  # see config_schema.Wav2Vec2Config.codevector_init
+            with torch.no_grad():
+                self.model.quantizer.codevectors.uniform_(-0.5, 0.5)
+                self.model.project_q.bias.zero_()
         self.temperature, self.alpha = o.contrastive_logits_temperature, o.diversity_loss_weight
         self.schedule = dict(max_temperature=o.max_gumbel_temperature, min_temperature=o.min_gumbel_temperature,
                              decay=o.gumbel_temperature_decay)
@@ -183,11 +193,13 @@ class Wav2Vec2Objective(nn.Module):
         per_frame = -F.log_softmax(logits, dim=-1)[..., 0]
         weights = mask.to(per_frame.dtype)
         contrastive = (per_frame * weights).sum() / weights.sum().clamp_min(1)
+        # a uniform guess among each frame's candidates: ln(1 + distractors unlike the positive)
+        chance = (torch.log(torch.isfinite(logits).sum(-1).to(weights.dtype)) * weights).sum() / weights.sum().clamp_min(1)
         entries = self.model.quantizer.num_groups * self.model.quantizer.num_vars
         diversity = (entries - perplexity) / entries
         metrics = {"contrastive_loss": contrastive.detach(), "diversity_loss": diversity.detach(),
                    "codebook_perplexity": perplexity.detach(), "gumbel_temperature": self.gumbel_tau.float(),
-                   "masked_fraction": weights.mean().detach()}
+                   "contrastive_chance": chance.detach(), "masked_fraction": weights.mean().detach()}
         return ObjectiveOutput(loss=contrastive + self.alpha * diversity, metrics=metrics)
 
     def encoder(self) -> nn.Module:

@@ -151,6 +151,7 @@ def test_encode_matches_transformers_and_the_loss_trains(audio_shards):
     groups, per_group = cfg.model.num_codevector_groups, cfg.model.num_codevectors_per_group
     assert groups <= out.metrics["codebook_perplexity"] <= groups * per_group
     assert out.metrics["contrastive_loss"] > 0 and 0 <= out.metrics["diversity_loss"] < 1
+    assert 0 < out.metrics["contrastive_chance"] <= np.log(cfg.objective.num_negatives + 1) + 1e-6
     out.loss.backward()
     q = objective.model.quantizer
     for p in (q.codevectors, q.weight_proj.weight, model.masked_spec_embed, model.feature_extractor.conv_layers[0].conv.weight):
@@ -213,3 +214,41 @@ def test_config_names_the_key_and_its_owner():
         load_config(None, for_objective("wav2vec2", ["data.max_audio_seconds=0"]))
     with pytest.raises(ValueError, match="unknown crop 'left'"):
         AudioDecoder(100, crop="left")
+
+
+def test_loss_matches_transformers_pretraining(audio_shards):
+    """The contrastive and diversity terms (per masked frame) equal ``Wav2Vec2ForPreTraining``'s
+    (sums over the masked frames) on the same masks and distractors, in eval mode (argmax codes:
+    no Gumbel noise, no dropout)."""
+    cfg = w2v_config(audio_shards, *NO_DROPOUT)
+    manifest = load_manifest(audio_shards["train"])
+    batch = next(eval_batches(manifest, rank=0, world_size=1, batch_size=8, decode=decoder_for(cfg, manifest)))
+    torch.manual_seed(0)
+    objective = build_objective(cfg).eval()
+    negatives = batch["sampled_negative_indices"]
+    b, t, _ = negatives.shape
+    with torch.no_grad():
+        out = objective(batch)
+        ref = objective.model(batch["input_values"], attention_mask=batch["attention_mask"],
+                              mask_time_indices=batch["mask_time_indices"],
+                              sampled_negative_indices=negatives + torch.arange(b)[:, None, None] * t)
+    masked = batch["mask_time_indices"].sum()
+    assert out.metrics["contrastive_loss"] == pytest.approx((ref.contrastive_loss / masked).item(), rel=1e-5)
+    assert out.metrics["diversity_loss"] == pytest.approx((ref.diversity_loss / masked).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("init", ["uniform", "centered"])
+def test_codevector_init_sets_how_alike_the_targets_start(audio_shards, init):
+    """transformers' (and fairseq's) U(0, 1) codebook makes every target alike at init (cosine
+    ~0.85: the logits of the positive and its distractors differ by < 1.5 at temperature 0.1);
+    ``objective.codevector_init=centered`` starts them near orthogonal."""
+    torch.manual_seed(0)
+    objective = build_objective(w2v_config(audio_shards, f"objective.codevector_init={init}"))
+    q = objective.model.quantizer
+    books = q.codevectors.view(q.num_groups, q.num_vars, -1)
+    codes = torch.randint(0, q.num_vars, (256, q.num_groups))  # random product-codebook entries
+    targets = objective.model.project_q(torch.cat([books[g, codes[:, g]] for g in range(q.num_groups)], -1))
+    cosine = torch.nn.functional.cosine_similarity(targets[:128], targets[128:], dim=-1).mean().item()
+    assert (cosine > 0.6) if init == "uniform" else (abs(cosine) < 0.2)
+    with pytest.raises(ConfigError, match="objective.codevector_init"):
+        w2v_config(audio_shards, "objective.codevector_init=normal")
