@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 @dataclass
 class ObjectiveBase:
     """Keys every objective has."""
-    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | wav2vec2 | gan | bigan | classify
+    name: str = "mae"  # mae | mlm | clm | simclr | moco_v3 | simsiam | rotnet | dae | vae | wav2vec2 | gan | bigan | cyclegan | classify
 
 
 @dataclass
@@ -175,8 +175,32 @@ class BiGANConfig(GANConfig):
     name: str = "bigan"
 
 
+@dataclass
+class CycleGANConfig(ObjectiveBase):
+    """CycleGAN (Zhu, Park, Isola & Efros 2017): generators G: A -> B and F: B -> A (small
+    ResNet-style convolutional networks) against ViT discriminators D_A, D_B with one logit per
+    patch token (a PatchGAN), on two unpaired domains of the training shards' classes, each read
+    from its own streams: ``sslscale.objectives.cyclegan``. Two DeepSpeed engines: G + F
+    (``generator``) and D_A + D_B (``discriminator``), as the paper's code has one optimizer each.
+    D_A's ViT is the exported encoder."""
+    name: str = "cyclegan"
+    domain_a_classes: list[int] = field(default_factory=lambda: [7])  # Fashion-MNIST: sneaker
+    domain_b_classes: list[int] = field(default_factory=lambda: [9])  # ankle boot
+    adversarial_loss: str = "lsgan"  # lsgan (the paper's least squares) | nonsaturating
+    lambda_cyc: float = 10.0  # cycle-consistency weight (L1)
+    lambda_id: float = 0.5  # identity loss weight, as a fraction of lambda_cyc (the paper's 0.5)
+    generator_width: int = 32  # channels of the generators' first convolution (x2 at 1/2 scale)
+    generator_blocks: int = 3  # residual blocks at 1/4 scale
+    d_steps_per_g: int = 1  # discriminator optimizer steps per generator step
+    d_lr: float = 0.0  # the discriminators' peak lr; 0: optim.lr
+    g_lr: float = 0.0  # the generators' peak lr; 0: optim.lr
+    pooling: str = "cls"  # cls | mean: D_A's pooled features (kNN, export)
+    image_every_steps: int = 100  # a PNG grid of translations into RUN_DIR/images/ (rank 0); 0: off
+    image_grid_size: int = 8  # images per row of that grid
+
+
 OBJECTIVE_SCHEMAS: dict[str, type] = {
-    "bigan": BiGANConfig, "gan": GANConfig, "classify": ClassifyConfig, "clm": CLMConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
+    "bigan": BiGANConfig, "cyclegan": CycleGANConfig, "gan": GANConfig, "classify": ClassifyConfig, "clm": CLMConfig, "dae": DAEConfig, "mae": MAEConfig, "mlm": MLMConfig,
     "moco_v3": MoCoV3Config, "rotnet": RotNetConfig, "simclr": SimCLRConfig,
     "simsiam": SimSiamConfig, "vae": VAEConfig, "wav2vec2": Wav2Vec2Config}
 # the keys of the one flat ObjectiveConfig before per-objective schemas (old saved config.yaml files)
@@ -260,7 +284,7 @@ MODEL_SCHEMAS: dict[str, type] = {"bert": BertModelConfig, "gpt2": GPT2ModelConf
                                   "wav2vec2": Wav2Vec2ModelConfig}
 # the model families each objective runs on; the first is the default (classify: from the data)
 OBJECTIVE_MODELS: dict[str, tuple[str, ...]] = {
-    "bigan": ("vit",), "gan": ("vit",), "classify": ("vit", "bert"), "clm": ("gpt2",), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
+    "bigan": ("vit",), "cyclegan": ("vit",), "gan": ("vit",), "classify": ("vit", "bert"), "clm": ("gpt2",), "dae": ("vit",), "mae": ("vit",), "mlm": ("bert",),
     "moco_v3": ("vit",), "rotnet": ("vit",), "simclr": ("vit",), "simsiam": ("vit",), "vae": ("vit",),
     "wav2vec2": ("wav2vec2",)}
 SCHEMAS = {"objective": OBJECTIVE_SCHEMAS, "model": MODEL_SCHEMAS}

@@ -180,6 +180,15 @@ def adversarial_flops_per_sample(cfg) -> float:
     return (2 * d + 1) * vit / d
 
 
+def cyclegan_flops_per_sample(cfg) -> float:
+    """Training FLOPs per pair of images (one of each domain) read by ``cyclegan``, counting the
+    ViT discriminators only (the convolutional generators are left out): per discriminator step,
+    D_A and D_B each on a real and a generated image; the generator step sends G(a) and F(b)
+    through them (divided by ``d_steps_per_g``, the steps that read data)."""
+    vit, d = _vit_flops(cfg.model), cfg.objective.d_steps_per_g
+    return (4 * d + 2) * vit / d
+
+
 def wav2vec2_flops_per_sample(cfg, num_samples: int | None = None) -> float:
     """Training FLOPs per clip of wav2vec 2.0 on ``num_samples`` waveform samples (the padded
     length the batch has; default ``data.max_audio_seconds`` at 16 kHz)."""
@@ -258,8 +267,10 @@ def flops_per_sample(cfg, **data) -> float:
         return wav2vec2_flops_per_sample(cfg, **data)
     if name in ("gan", "bigan"):
         return adversarial_flops_per_sample(cfg)
+    if name == "cyclegan":
+        return cyclegan_flops_per_sample(cfg)
     raise ValueError(f"flops_per_sample: no FLOP count for objective.name={name!r} "
-                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae, wav2vec2, gan, bigan)")
+                     "(known: mae, mlm, clm, simclr, moco_v3, simsiam, classify, rotnet, dae, vae, wav2vec2, gan, bigan, cyclegan)")
 
 
 def flops_per_sample_of_batch(cfg, batch: dict, *, world_size: int,

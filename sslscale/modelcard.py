@@ -63,6 +63,8 @@ PAPERS = {
                  '"Generative Adversarial Nets", NeurIPS 2014', "1511.06434"),
     "bigan": Paper('Donahue, Kraehenbuehl & Darrell, "Adversarial Feature Learning", ICLR 2017',
                    "1605.09782"),
+    "cyclegan": Paper('Zhu, Park, Isola & Efros, "Unpaired Image-to-Image Translation using '
+                      'Cycle-Consistent Adversarial Networks", ICCV 2017', "1703.10593"),
     "wav2vec2": Paper('Baevski, Zhou, Mohamed & Auli, "wav2vec 2.0: A Framework for Self-Supervised '
                       'Learning of Speech Representations", NeurIPS 2020', "2006.11477"),
 }
@@ -74,6 +76,8 @@ _DROPPED = {"mae": "the MAE decoder", "simclr": "the projection head",
             "vae": "the posterior layer (sslscale's kNN scores its mean of the pooled tokens) and the decoder",
             "gan": "the real/fake head and the generator (the published ViT is the discriminator's)",
             "bigan": "the encoder's linear layer to the latent, the generator and the discriminator",
+            "cyclegan": "the patch head of D_A, the discriminator D_B and the generators G and F "
+                        "(the published ViT is D_A's)",
             "wav2vec2": "the quantizer (its codebooks) and the two projections of the contrastive loss"}
 # Manifest source -> (hub dataset id or datasets' packaged builder, human name) for the card's
 # ``datasets:`` and ``model-index``; an unknown source is written as it is.

@@ -124,6 +124,11 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     resolve_num_classes(cfg, manifest)
 
     def make_batches(positions: list[int] | None = None, phase: int = 0):
+        if cfg.objective.name == "cyclegan":  # two unpaired domains, each from its own streams
+            from sslscale.data.domains import two_domain_stream
+
+            return train_loader(two_domain_stream(cfg, manifest, rank=env.rank, world_size=env.world_size,
+                                                  positions=positions, phase=phase))
         stream = TrainStream(manifest, rank=env.rank, world_size=env.world_size,
                              num_workers=cfg.data.num_workers, batch_size=cfg.train.micro_batch_size,
                              decode=decoder_for(cfg, manifest),
@@ -198,6 +203,7 @@ def _run(cfg, env, manifest, make_batches, stop) -> int:
     try:
         trainer = Trainer(cfg, engine, make_batches=make_batches,
                           samples_per_epoch=manifest.num_samples, metrics=metrics,
+                          num_streams=cfg.data.num_streams * (2 if cfg.objective.name == "cyclegan" else 1),
                           is_main=env.is_main, config_dict=config_dict,
                           evaluate=make_evaluator(cfg, engine, env, manifest), watchdog=watchdog,
                           stop=stop)

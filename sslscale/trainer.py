@@ -39,13 +39,14 @@ class Trainer:
     stream positions (called once, after a resume has set the state); batches carry the
     positions of the streams they consumed, which the trainer keeps and checkpoints.
     ``evaluate()`` (optional, collective) returns metrics such as ``{"knn_top1": ...}``, logged
-    under ``eval/``.
+    under ``eval/``. ``num_streams``: the stream positions to keep (default ``data.num_streams``;
+    ``cyclegan``: twice that, ``sslscale.data.domains``).
     """
 
     def __init__(self, cfg, engine: Engine, *, make_batches: Callable[..., Iterator[dict]],
                  samples_per_epoch: int, metrics: MetricsLogger, is_main: bool,
                  config_dict: dict[str, Any], evaluate: Callable[[], dict] | None = None,
-                 watchdog=None, stop: StopSignals | None = None):
+                 watchdog=None, stop: StopSignals | None = None, num_streams: int | None = None):
         self.cfg, self.engine, self.metrics = cfg, engine, metrics
         self.make_batches, self.samples_per_epoch = make_batches, samples_per_epoch
         self.is_main, self.config_dict, self.evaluate_fn = is_main, config_dict, evaluate
@@ -53,7 +54,8 @@ class Trainer:
         self.stop = stop  # installed by fit() if not given
         self.run_dir = Path(cfg.run_dir)
         self.state = TrainState()
-        self.positions = [0] * cfg.data.num_streams  # samples consumed per stream (own streams exact)
+        # samples consumed per stream (own streams exact); cyclegan: both domains' streams
+        self.positions = [0] * (num_streams or cfg.data.num_streams)
         self._skipped_before = [0, 0]  # skipped samples, shards: totals of earlier runs
         self._skipped: dict[int, list[int]] = {}  # data-loader worker -> its counters, this run
         self._last_saved = -1
@@ -76,6 +78,8 @@ class Trainer:
         self._peak_tflops = flops.peak_tflops(precision=engine.precision) \
             if engine.device.type == "cuda" else None
         self._last_batch: dict[str, torch.Tensor] = {}  # for the FLOP count of logged steps
+        # an objective that draws pictures of its progress (cyclegan): rank 0, every N steps
+        self._write_images = getattr(engine.module, "write_images", None) if is_main else None
 
     # ----------------------------------------------------------------------------- resume / save
     def resume(self) -> bool:
@@ -344,6 +348,16 @@ class Trainer:
     def _restart_window(self) -> None:
         self._window_start = (time.perf_counter(), self.state.step, self.state.tokens_seen)
 
+    def _maybe_write_images(self, step: int, last: bool) -> None:
+        """``RUN_DIR/images/step-XXXXXXXX.png`` of the last micro-batch read, every
+        ``objective.image_every_steps`` steps and at the last (rank 0; the objective's
+        ``write_images``: no gradient, no random draw, so training is the same with or without)."""
+        every = getattr(self.cfg.objective, "image_every_steps", 0)
+        if self._write_images is None or not every or not (step % every == 0 or last):
+            return
+        out = self._write_images(self._last_batch, self.run_dir / "images" / f"{checkpoint.tag_for(step)}.png")
+        self.metrics.info(f"wrote {out}")
+
     def run_eval(self) -> dict[str, float]:
         if self.evaluate_fn is None:
             return {}
@@ -390,6 +404,7 @@ class Trainer:
             if step % cfg.train.log_every == 0 or last:
                 self._log_train(hparams)
             self.metrics.advance(step)
+            self._maybe_write_images(step, last)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not last:
                 self.save()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:

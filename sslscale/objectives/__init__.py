@@ -1,6 +1,6 @@
 """Self-supervised objectives; importing this package registers them in ``OBJECTIVES``."""
 
-from sslscale.objectives import adversarial, autoencoders, classify, clm, contrastive, mae, mlm, rotnet, wav2vec2  # noqa: F401  (register their names)
+from sslscale.objectives import adversarial, autoencoders, classify, clm, contrastive, cyclegan, mae, mlm, rotnet, wav2vec2  # noqa: F401  (register their names)
 from sslscale.objectives.base import Objective, ObjectiveOutput
 from sslscale.registry import OBJECTIVES
 
