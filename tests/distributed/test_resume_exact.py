@@ -4,7 +4,8 @@ ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and on 2 ranks for MoCo v3 (momentum enc
 MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels,
 layer-wise lr decay), RotNet, the denoising autoencoder, the VAE, wav2vec 2.0 (real speech:
 masks, distractors and Gumbel noise from the sample seeds, dropout) and the GAN and BiGAN (two
-DeepSpeed engines in one checkpoint, alternating optimizer steps). Engine state, data positions and RNG states all
+DeepSpeed engines in one checkpoint, alternating optimizer steps) and the CycleGAN (four networks
+in two engines, two domains' streams). Engine state, data positions and RNG states all
 matter."""
 
 import json
@@ -95,12 +96,14 @@ OTHER_OBJECTIVES = {  # the keys each needs beyond the MAE demo recipe's model
     "gan": ["objective.latent_dim=8", "objective.generator_width=8", "objective.d_steps_per_g=2",
             "objective.diff_augment=true", "objective.d_lr=0.002"],
     "bigan": ["objective.latent_dim=8", "objective.generator_width=8"],
+    # four networks in two engines; two unpaired domains, each from its own streams (positions)
+    "cyclegan": ["objective.generator_width=4", "objective.generator_blocks=1", "objective.image_every_steps=10"],
 }
 
 
 @pytest.mark.parametrize("objective,stage", [("moco_v3", 3), ("mlm", 2), ("clm", 2), ("classify", 2),
                                              ("rotnet", 2), ("dae", 1), ("vae", 2), ("wav2vec2", 2),
-                                             ("gan", 2), ("bigan", 1)])
+                                             ("gan", 2), ("bigan", 1), ("cyclegan", 2)])
 def test_kill_and_resume_is_bitwise_for_every_objective(request, tmp_path, objective, stage):
     if objective in ("mlm", "clm"):
         recipe = MLM_RECIPE if objective == "mlm" else CLM_RECIPE
@@ -113,6 +116,6 @@ def test_kill_and_resume_is_bitwise_for_every_objective(request, tmp_path, objec
         run = lambda r: command(2, request.getfixturevalue("real_shards"), r, stage, extra=extra)  # noqa: E731
     expected, _, saved = kill_and_resume(run, tmp_path)
     assert len(set(expected.values())) > MAX_STEPS // 2  # the loss moves: the check is not vacuous
-    if objective in ("gan", "bigan"):  # train/loss is the generator's; the discriminator's too
+    if objective in ("gan", "bigan", "cyclegan"):  # train/loss is the generator's; the discriminator's too
         d_losses = [losses(tmp_path / run, "train/d_loss") for run in ("full", "cut")]
         assert all(d_losses[1][s] == d_losses[0][s] for s in range(saved + 1, MAX_STEPS + 1))
