@@ -58,7 +58,9 @@ def write_samples(run_dir: str, out: str | os.PathLike, *, step: int | None = No
     objective = build_objective(cfg)
     if not hasattr(objective, "reconstruct") and not hasattr(objective, "sample"):
         raise ValueError(f"{run_dir}: objective {cfg.objective.name} neither reconstructs nor generates "
-                         "images; sslscale samples draws dae, vae, gan and bigan runs")
+                         "images; sslscale samples draws dae, vae, gan and bigan runs"
+                         + (" (a cyclegan run writes its translation grids to RUN_DIR/images/ while it trains)"
+                            if cfg.objective.name == "cyclegan" else ""))
     objective.load_state_dict(checkpoint.load_module_state(folder))
     objective.eval()
     scale = max(1, 64 // cfg.model.image_size)
