@@ -173,6 +173,7 @@ class BiGANConfig(GANConfig):
     """BiGAN (Donahue, Kraehenbuehl & Darrell 2017): an encoder E trained jointly with the
     generator against a discriminator on (x, E(x)) vs (G(z), z); E's ViT is exported."""
     name: str = "bigan"
+    discriminator: str = "vit"  # vit | dcgan: the discriminator's image branch (a ViT, or DCGAN's strided convolutions)
 
 
 @dataclass

@@ -173,8 +173,10 @@ def adversarial_flops_per_sample(cfg) -> float:
     image: the discriminator on a real and a fake image (``bigan``: and E's forward); the
     generator step (on the last discriminator step's images) sends a fake image (``bigan``: and
     the real pair, through E) through the discriminator. Divided by ``d_steps_per_g``, the
-    discriminator steps that read data."""
+    discriminator steps that read data. ``bigan`` with a convolutional discriminator: E's ViT only."""
     vit, d = _vit_flops(cfg.model), cfg.objective.d_steps_per_g
+    if cfg.objective.name == "bigan" and cfg.objective.get("discriminator", "vit") == "dcgan":
+        return (d / TRAIN + 1) * vit / d  # E alone: its forward per discriminator step, trained once
     if cfg.objective.name == "bigan":
         return (d * (2 + 1 / TRAIN) + 3) * vit / d
     return (2 * d + 1) * vit / d

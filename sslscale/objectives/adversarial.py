@@ -162,15 +162,37 @@ class Discriminator(PooledViT):
         return self.head(super().forward(x)).squeeze(1).float()
 
 
+class ConvImages(nn.Module):
+    """DCGAN's discriminator trunk (Radford et al. 2016, section 3: strided convolutions,
+    LeakyReLU 0.2; no BatchNorm here: nothing per rank to keep): normalized images ``(B, C, S,
+    S)`` -> two 4x4 stride-2 convolutions (``width / 2``, ``width`` channels) -> a linear layer
+    -> ``(B, width)``."""
+
+    def __init__(self, channels: int, width: int, image_size: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width // 2, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width // 2, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Flatten(),
+            nn.Linear(width * (image_size // 4) ** 2, width))
+        _dcgan_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
 class JointDiscriminator(nn.Module):
-    """``bigan``'s discriminator on pairs: images ``(B, C, S, S)`` through a ViT, latents ``(B,
+    """``bigan``'s discriminator on pairs: images ``(B, C, S, S)`` through a ViT (or, with
+    ``objective.discriminator: dcgan``, DCGAN's convolutional trunk), latents ``(B,
     latent_dim)`` through a linear layer, both (LeakyReLU 0.2) into a 2-layer MLP -> logits
-    ``(B,)`` fp32."""
+    ``(B,)`` fp32. ``ValueError`` for another ``objective.discriminator``."""
 
     def __init__(self, cfg):
         super().__init__()
-        width = cfg.model.hidden_size
-        self.images = PooledViT(cfg, eager=cfg.objective.r1_gamma > 0)
+        width, kind = cfg.model.hidden_size, cfg.objective.get("discriminator", "vit")
+        if kind not in ("vit", "dcgan"):
+            raise ValueError(f"objective.discriminator={kind!r}: use vit or dcgan")
+        self.images = PooledViT(cfg, eager=cfg.objective.r1_gamma > 0) if kind == "vit" else \
+            ConvImages(cfg.model.num_channels, width, cfg.model.image_size)
         self.latents = nn.Linear(cfg.objective.latent_dim, width)
         self.joint = nn.Sequential(nn.Linear(2 * width, width), nn.LeakyReLU(0.2), nn.Linear(width, 1))
 

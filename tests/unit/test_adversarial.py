@@ -133,3 +133,20 @@ def test_diff_augment_crops_the_generated_images_differentiably():
     objective.train()
     out = objective.generator_loss(batch())
     assert _reached(objective, out.loss) >= {"generator"}  # through the crop (grid sampling)
+
+
+def test_bigan_with_a_convolutional_discriminator():
+    from sslscale.objectives.adversarial import ConvImages
+
+    torch.manual_seed(0)
+    objective = BiGAN(cfg("bigan", discriminator="dcgan", r1_gamma=1.0))
+    assert isinstance(objective.discriminator.images, ConvImages)
+    assert ConvImages(1, 32, 28)(torch.rand(3, 1, 28, 28)).shape == (3, 32)
+    out = objective.discriminator_loss(batch())
+    assert out.metrics["r1_penalty"] > 0 and _reached(objective, out.loss) == {"discriminator"}
+    out = objective.generator_loss(batch())
+    assert "generator" in _reached(objective, out.loss)
+    assert objective.generator.encoder.to_latent.weight.grad is not None  # E learns through D
+    assert objective.features(batch()).shape == (4, 32)
+    with pytest.raises(ValueError, match="objective.discriminator"):
+        BiGAN(cfg("bigan", discriminator="mlp"))
