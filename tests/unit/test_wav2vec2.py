@@ -18,6 +18,7 @@ from sslscale.data.audio import AudioDecoder, decode_audio, prepare_audio, resam
 from sslscale.data.masking import feature_frames, sample_negatives, span_mask
 from sslscale.data.shards import load_manifest
 from sslscale.data.stream import TrainStream, _open_at, decoder_for, eval_batches
+from sslscale.engine import build_optimizer
 from sslscale.objectives import build_objective
 from sslscale.objectives.wav2vec2 import encode, gumbel_noise, gumbel_temperature
 
@@ -252,3 +253,17 @@ def test_codevector_init_sets_how_alike_the_targets_start(audio_shards, init):
     assert (cosine > 0.6) if init == "uniform" else (abs(cosine) < 0.2)
     with pytest.raises(ConfigError, match="objective.codevector_init"):
         w2v_config(audio_shards, "objective.codevector_init=normal")
+
+
+def test_feature_encoder_lr_scale_reaches_its_param_groups(audio_shards):
+    from sslscale.engine import param_groups
+
+    objective = build_objective(w2v_config(audio_shards, "objective.feature_encoder_lr_scale=0.1"))
+    scale_of = {id(p): g["lr_scale"] for g in param_groups(objective) for p in g["params"]}
+    for name, p in objective.named_parameters():
+        assert scale_of[id(p)] == (0.1 if name.startswith("model.wav2vec2.feature_extractor.") else 1.0), name
+    cfg = w2v_config(audio_shards, "objective.feature_encoder_lr_scale=1.0")
+    optimizer = build_optimizer(build_objective(cfg), cfg)
+    assert len(optimizer.param_groups) == 2 and {g["lr_scale"] for g in optimizer.param_groups} == {1.0}
+    with pytest.raises(ConfigError, match="objective.feature_encoder_lr_scale"):
+        w2v_config(audio_shards, "objective.feature_encoder_lr_scale=-1")
