@@ -150,6 +150,10 @@ class Wav2Vec2Config(ObjectiveBase):
     # the logits of the positive and the distractors differ by < 1.5 at temperature 0.1) or
     # "centered" U(-0.5, 0.5) with project_q's bias 0 (targets of different entries near orthogonal)
     codevector_init: str = "uniform"
+    # learning-rate multiplier of the convolutional feature encoder (fairseq's BASE scales its
+    # gradient by feature_grad_mult 0.1; under Adam a gradient scale barely changes the update, an
+    # lr scale does); 1: none
+    feature_encoder_lr_scale: float = 1.0
 
 
 @dataclass
@@ -422,6 +426,7 @@ _RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing
            "objective.num_negatives": (1, 1 << 20, True),
            "objective.contrastive_logits_temperature": (1e-6, 1e6, True),
            "objective.diversity_loss_weight": (0.0, 1e6, True),
+           "objective.feature_encoder_lr_scale": (0.0, 1e6, True),
            "objective.min_gumbel_temperature": (1e-6, 1e6, True),
            "objective.max_gumbel_temperature": (1e-6, 1e6, True),
            "objective.gumbel_temperature_decay": (0.0, 1.0, True),

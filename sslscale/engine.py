@@ -65,18 +65,23 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, A
     With ``layer_decay < 1`` and a model that numbers its parameters (``layer_id(name)`` and
     ``num_layers``, as ``ClassifyObjective``), layer-wise lr decay (BEiT, arXiv 2106.08254; MAE
     fine-tuning): a parameter of layer ``i`` gets ``lr_scale = layer_decay ** (num_layers + 1 -
-    i)``, one pair of groups per layer. Otherwise ``lr_scale`` is 1 and there are two groups."""
+    i)``, one pair of groups per layer. Otherwise ``lr_scale`` is 1 and there are two groups. A
+    model with ``lr_scale_of(name) -> float`` multiplies a parameter's ``lr_scale`` by it (one
+    pair of groups per distinct scale)."""
     numbered = layer_decay < 1.0 and hasattr(model, "layer_id")
-    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    own_scale = getattr(model, "lr_scale_of", None)  # e.g. wav2vec2's feature encoder
+    groups: dict[tuple[int, float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decayed = not (p.ndim <= 1 or name.endswith(".bias"))
-        groups.setdefault((model.layer_id(name) if numbered else 0, decayed), []).append(p)
+        scale = own_scale(name) if own_scale is not None else 1.0
+        groups.setdefault((model.layer_id(name) if numbered else 0, scale, decayed), []).append(p)
     top = model.num_layers + 1 if numbered else 0
     return [{"params": params, "wd_scale": 1.0 if decayed else 0.0,
-             "lr_scale": layer_decay ** (top - layer) if numbered else 1.0}
-            for (layer, decayed), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+             "lr_scale": (layer_decay ** (top - layer) if numbered else 1.0) * scale}
+            for (layer, scale, decayed), params in sorted(groups.items(),
+                                                          key=lambda kv: (kv[0][0], -kv[0][1], not kv[0][2]))]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

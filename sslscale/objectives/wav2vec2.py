@@ -23,6 +23,9 @@ the two projections; sizes from the recipe's ``model`` section, ``model.name: wa
   are left out, as in the reference), averaged over the masked frames of the micro-batch.
   ``L_d = (GV - perplexity) / GV`` with the perplexity of the batch-averaged softmax over each
   codebook (masked frames), summed over groups; weight ``diversity_loss_weight``.
+- ``objective.feature_encoder_lr_scale`` (``lr_scale_of``) slows the convolutional feature encoder:
+  early on the contrastive term pulls the features of all frames together and the codebooks
+  collapse (fairseq's ``feature_grad_mult`` 0.1 scales its gradient, which Adam undoes).
 
 The per-frame candidate sets (K sampled distractors per row) are gathered as ``(B, T, K+1)``
 logits: no ``(rows x columns)`` matrix is shared by the rows, so the tiled InfoNCE of
@@ -141,10 +144,16 @@ class Wav2Vec2Objective(nn.Module):
                 self.model.quantizer.codevectors.uniform_(-0.5, 0.5)
                 self.model.project_q.bias.zero_()
         self.temperature, self.alpha = o.contrastive_logits_temperature, o.diversity_loss_weight
+        self.feature_encoder_lr_scale = o.feature_encoder_lr_scale
         self.schedule = dict(max_temperature=o.max_gumbel_temperature, min_temperature=o.min_gumbel_temperature,
                              decay=o.gumbel_temperature_decay)
         # a buffer so that the step's value reaches the device without a recompile or a sync
         self.register_buffer("gumbel_tau", torch.tensor(gumbel_temperature(0, **self.schedule)), persistent=False)
+
+    def lr_scale_of(self, name: str) -> float:
+        """``objective.feature_encoder_lr_scale`` for the convolutional feature encoder's
+        parameters, 1 for the others (``sslscale.engine.param_groups``)."""
+        return self.feature_encoder_lr_scale if name.startswith("model.wav2vec2.feature_extractor.") else 1.0
 
     def on_step_start(self, step: int, max_steps: int) -> None:
         """Set the Gumbel temperature of optimizer step ``step`` (the trainer calls this first)."""
