@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("run_dir", help=run_dir_help)
     tune.add_argument("--train-shards", required=True, help="labeled training shards")
     tune.add_argument("--test-shards", required=True, help="labeled test shards (top-1)")
-    tune.add_argument("--steps", type=int, default=1000, help="optimizer steps of each run")
+    tune.add_argument("--steps", type=int, default=2000, help="optimizer steps of each run")
     tune.add_argument("--step", type=int, help="pretraining checkpoint step (default: latest complete)")
     tune.add_argument("--nproc", type=int, default=1, help="local ranks of each run")
     tune.add_argument("--from-scratch", action="store_true", help="run only the from-scratch baseline")

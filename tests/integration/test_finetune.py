@@ -43,7 +43,8 @@ def test_pretrained_encoder_is_fine_tuned_beside_from_scratch(pretrained, real_s
     assert json.loads((run_dir / "eval" / "finetune-step-00000004.json").read_text()) == result
     tuned, scratch = run_dir / "finetune", run_dir / "finetune-scratch"
     cfg = (tuned / "config.yaml").read_text()
-    assert "name: classify" in cfg and "num_classes: 10" in cfg and "layer_decay: 0.75" in cfg
+    assert "name: classify" in cfg and "num_classes: 10" in cfg and "layer_decay: 0.9" in cfg
+    assert "lr: 0.002" in cfg  # RECIPES["image"], not the pretraining run's 0.001
     # The fine-tuned run started from the pretrained encoder, the other did not: after 6 small
     # steps the fine-tuned backbone is still close to the pretrained one, the scratch one is not.
     before = load_module_state(run_dir / "checkpoints" / "step-00000004")
