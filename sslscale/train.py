@@ -113,6 +113,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     ``sslscale launch`` / srun). A stall ends the rank with 124 (``sslscale.watchdog``).
     """
     from sslscale import exits
+    from sslscale.data.domains import two_domain_stream, two_domains
     from sslscale.data.stream import TrainStream, decoder_for, train_loader
     from sslscale.stop import StopSignals
 
@@ -124,9 +125,7 @@ def main(recipe: str, overrides: Sequence[str] = ()) -> int:
     resolve_num_classes(cfg, manifest)
 
     def make_batches(positions: list[int] | None = None, phase: int = 0):
-        if cfg.objective.name == "cyclegan":  # two unpaired domains, each from its own streams
-            from sslscale.data.domains import two_domain_stream
-
+        if two_domains(cfg):  # cyclegan: two unpaired domains, each from its own streams
             return train_loader(two_domain_stream(cfg, manifest, rank=env.rank, world_size=env.world_size,
                                                   positions=positions, phase=phase))
         stream = TrainStream(manifest, rank=env.rank, world_size=env.world_size,
@@ -165,6 +164,7 @@ def _exit_code_for(error: BaseException) -> int:
 def _run(cfg, env, manifest, make_batches, stop) -> int:
     """Join the process group, build the engine, train, close; see :func:`main`."""
     from sslscale import checkpoint
+    from sslscale.data.domains import num_positions
     from sslscale.engine import build_engine, init_distributed
     from sslscale.metrics import MetricsLogger
     from sslscale.objectives import build_objective
@@ -203,7 +203,7 @@ def _run(cfg, env, manifest, make_batches, stop) -> int:
     try:
         trainer = Trainer(cfg, engine, make_batches=make_batches,
                           samples_per_epoch=manifest.num_samples, metrics=metrics,
-                          num_streams=cfg.data.num_streams * (2 if cfg.objective.name == "cyclegan" else 1),
+                          num_streams=num_positions(cfg),
                           is_main=env.is_main, config_dict=config_dict,
                           evaluate=make_evaluator(cfg, engine, env, manifest), watchdog=watchdog,
                           stop=stop)

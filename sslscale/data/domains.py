@@ -24,6 +24,16 @@ from sslscale.data.stream import Decoder, TrainStream, read_label
 DOMAIN_B_SEED = 0x5EED_B  # added to train.seed for domain B's streams
 
 
+def two_domains(cfg) -> bool:
+    """Whether ``cfg``'s objective reads two unpaired domains (``cyclegan``)."""
+    return cfg.objective.name == "cyclegan"
+
+
+def num_positions(cfg) -> int:
+    """The stream positions a run of ``cfg`` keeps: ``data.num_streams``, twice that for two domains."""
+    return cfg.data.num_streams * (2 if two_domains(cfg) else 1)
+
+
 class ClassFilter:
     """``decode`` for samples whose label (``label_key``) is in ``classes``; None for the others
     (before decoding them). Picklable (data-loader workers)."""

@@ -4,25 +4,18 @@ clip features beside the random-init encoder's, and the export loads with ``Auto
 ``AutoFeatureExtractor`` and ``pipeline("feature-extraction")``."""
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from ..conftest import ROOT, W2V_RECIPE, sslscale_cmd, tiny_audio_overrides
+from ..conftest import W2V_RECIPE, run_ok, sslscale_cmd, tiny_audio_overrides
 
 pytestmark = pytest.mark.integration
 
 
-def run(cmd, code=0):
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
 def test_wav2vec2_trains_evaluates_and_exports(audio_shards, tmp_path):
     run_dir, out = tmp_path / "w2v", tmp_path / "export"
-    proc = run(sslscale_cmd("launch", "--nproc", "2", str(W2V_RECIPE), *tiny_audio_overrides(
+    proc = run_ok(sslscale_cmd("launch", "--nproc", "2", str(W2V_RECIPE), *tiny_audio_overrides(
         audio_shards, run_dir, "train.max_steps=6", "checkpoint.every_steps=0", "deepspeed.zero_stage=2")))
     final = json.loads(proc.stdout.strip().splitlines()[-1])  # the evaluation's JSON line
     assert final["step"] == 6 and 0.0 <= final["knn_top1"] <= 1.0 and final["num_test"] >= 15
@@ -34,11 +27,11 @@ def test_wav2vec2_trains_evaluates_and_exports(audio_shards, tmp_path):
     assert train[-1]["train/gumbel_temperature"] < train[0]["train/gumbel_temperature"]
     assert "tokens_seen" not in train[-1]  # waveform samples are not tokens
 
-    knn = json.loads(run(sslscale_cmd("eval", "knn", str(run_dir), "--baseline")).stdout.strip().splitlines()[-1])
+    knn = json.loads(run_ok(sslscale_cmd("eval", "knn", str(run_dir), "--baseline")).stdout.strip().splitlines()[-1])
     assert knn["knn_top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
     assert 0.0 <= knn["random_init_knn_top1"] <= 1.0
 
-    run(sslscale_cmd("export", str(run_dir), "--out", str(out)))
+    run_ok(sslscale_cmd("export", str(run_dir), "--out", str(out)))
     card = (out / "README.md").read_text()
     assert "pipeline_tag: feature-extraction" in card and "Wav2Vec2Model" in card
     assert "arxiv:2006.11477" in card and "audio-classification" in card and "GPL-2+" in card
