@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import TINY
+from tests.conftest import TINY, end_spawned_rank
 
 pytestmark = pytest.mark.distributed
 
@@ -53,8 +53,8 @@ def _rank(rank: int, world: int, rdv: str, images, seeds, out: str) -> None:
         results[name] = (loss / world, grads)
     if rank == 0:
         torch.save(results, out)
-    torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # both ranks are done with gloo
+    end_spawned_rank()
 
 
 @pytest.fixture(scope="module")

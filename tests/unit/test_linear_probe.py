@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from launcher.env import free_port
 from sslscale.linear_probe import train_linear_probe
 
-from ..conftest import TINY
+from ..conftest import TINY, end_spawned_rank
 
 
 def clusters(n: int, seed: int, dims: int = 16, classes: int = 4, spread: float = 0.5):
@@ -62,24 +62,23 @@ def test_bad_inputs_are_refused(bad, match):
 def _probe_on_ranks(rank: int, world_size: int, port: int, shards: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        from sslscale.config import load_config
-        from sslscale.data.shards import load_manifest
-        from sslscale.linear_probe import features_of
-        from sslscale.objectives import build_objective
+    from sslscale.config import load_config
+    from sslscale.data.shards import load_manifest
+    from sslscale.linear_probe import features_of
+    from sslscale.objectives import build_objective
 
-        cfg = load_config(None, [*TINY, "model.image_size=28", "model.num_channels=1",
-                                 "data.mean=[0.3]", "data.std=[0.35]"])
-        torch.manual_seed(0)
-        objective = build_objective(cfg)  # the same random-init encoder on every rank
-        features = features_of(objective, load_manifest(shards["train"]), load_manifest(shards["test"]),
-                               device=torch.device("cpu"), rank=rank, world_size=world_size,
-                               image_size=28, num_channels=1, batch_size=64,
-                               max_train_samples=512, max_test_samples=256)
-        result = train_linear_probe(**features, epochs=10)
-        torch.save({"features": features, "result": result}, f"{out}-{world_size}-{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+    cfg = load_config(None, [*TINY, "model.image_size=28", "model.num_channels=1",
+                             "data.mean=[0.3]", "data.std=[0.35]"])
+    torch.manual_seed(0)
+    objective = build_objective(cfg)  # the same random-init encoder on every rank
+    features = features_of(objective, load_manifest(shards["train"]), load_manifest(shards["test"]),
+                           device=torch.device("cpu"), rank=rank, world_size=world_size,
+                           image_size=28, num_channels=1, batch_size=64,
+                           max_train_samples=512, max_test_samples=256)
+    result = train_linear_probe(**features, epochs=10)
+    torch.save({"features": features, "result": result}, f"{out}-{world_size}-{rank}.pt")
+    torch.distributed.barrier()
+    end_spawned_rank()
 
 
 def test_two_ranks_give_the_result_of_one(real_shards, tmp_path):
