@@ -10,7 +10,8 @@ without a marker (a kill mid-save leaves ``latest`` on the previous one). ``reta
 ones by ``checkpoint.keep_last`` / ``keep_every``, never the newest complete one. An objective
 with several networks (``sslscale.engine_set``, a GAN) saves one DeepSpeed checkpoint per network
 in ``step-XXXXXXXX/<name>/``, all under the one marker (which lists them as ``"engines"``);
-``load_module_state`` joins them into the objective's state (``<name>.`` prefixes).
+``load_module_state`` joins them into the objective's state (``<name>.`` prefixes), and an elastic
+resume converts each engine's on its own (``universal/step-XXXXXXXX/<name>``).
 
 Elastic resume: a checkpoint written by another number of ranks is converted once to a DeepSpeed
 universal checkpoint (``deepspeed.checkpoint.ds_to_universal``; Tian et al., "Universal
@@ -300,13 +301,15 @@ def check_compatible(folder: Path, world_size: int, zero_stage: int,
     return marker.get("world_size", world_size) != world_size
 
 
-def universal_folder(folder: Path) -> Path:
-    """Where the universal version of checkpoint ``folder`` is cached."""
-    return folder.parent / UNIVERSAL / folder.name
+def universal_folder(folder: Path, network: str | None = None) -> Path:
+    """Where the universal version of checkpoint ``folder`` is cached (of its ``network``'s
+    engine, for a checkpoint of several: ``sslscale.engine_set``)."""
+    out = folder.parent / UNIVERSAL / folder.name
+    return out / network if network else out
 
 
-def _universal_is_current(folder: Path) -> bool:
-    out = universal_folder(folder)
+def _universal_is_current(folder: Path, network: str | None = None) -> bool:
+    out = universal_folder(folder, network)
     try:
         source = json.loads((out / SOURCE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -314,17 +317,20 @@ def _universal_is_current(folder: Path) -> bool:
     return source == json.loads((folder / MARKER).read_text())
 
 
-def _convert(folder: Path, out: Path) -> None:
-    """Run ``ds_to_universal`` on ``folder`` into a temp folder beside ``out``, then rename it to
-    ``out``. Leftovers of an interrupted conversion are removed first."""
+def _convert(folder: Path, network: str | None = None) -> None:
+    """Run ``ds_to_universal`` on ``folder`` (its ``network``'s engine in ``folder/<network>/``)
+    into a temp folder beside ``universal_folder(folder, network)``, then rename it to that.
+    Leftovers of an interrupted conversion are removed first."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    out = universal_folder(folder, network)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".tmp-{folder.name}-{os.getpid()}"
-    target = tmp / folder.name  # ds_to_universal also writes `latest_universal` beside its output
-    args = Namespace(input_folder=str(folder), output_folder=str(target), num_extract_workers=1,
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    target = tmp / out.name  # ds_to_universal also writes `latest_universal` beside its output
+    source = folder / network if network else folder
+    args = Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True,
                      inject_missing_state=True)  # ZeRO-1/2 checkpoints lack the universal info
     log = io.StringIO()
@@ -344,20 +350,20 @@ def _convert(folder: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def to_universal(folder: Path) -> Path:
-    """The universal checkpoint of ``folder`` (collective): rank 0 converts it unless a cache made
-    from this very checkpoint exists; the others wait at a barrier. Returns its folder.
+def to_universal(folder: Path, network: str | None = None) -> Path:
+    """The universal checkpoint of ``folder`` (of its ``network``'s engine, for a checkpoint of
+    several) (collective): rank 0 converts it unless a cache made from this very checkpoint
+    exists; the others wait at a barrier. Returns its folder.
 
     Raises ``RuntimeError`` (with DeepSpeed's output) if the conversion fails."""
-    out = universal_folder(folder)
     error = None
-    if rank_and_world()[0] == 0 and not _universal_is_current(folder):
+    if rank_and_world()[0] == 0 and not _universal_is_current(folder, network):
         try:
-            _convert(folder, out)
+            _convert(folder, network)
         except RuntimeError as e:
             error = e
     fail_together(error, f"converting {folder} to a universal checkpoint")  # also the barrier
-    return out
+    return universal_folder(folder, network)
 
 
 def load(ds_engine, folder: Path) -> dict[str, Any]:
@@ -379,14 +385,12 @@ def _load(ds_engine, folder: Path) -> dict[str, Any]:
     marker = json.loads((folder / MARKER).read_text())
     elastic = marker.get("world_size", world_size) != world_size
     universal = elastic and marker.get("zero_stage", 0) > 0  # ZeRO-0 state is not partitioned
-    if hasattr(ds_engine, "engines"):  # sslscale.engine_set: several engines, same world size
-        if elastic:
-            from sslscale.config import ConfigError
-            raise ConfigError(f"checkpoint {folder} holds several engines ({', '.join(ds_engine.engines)}) "
-                              f"written by {marker.get('world_size')} rank(s); it resumes on that "
-                              f"world size only (this run has {world_size})")
-        load_path, client_state = ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if hasattr(ds_engine, "engines"):  # sslscale.engine_set: each network's engine in folder/<name>/
         source = folder
+        loaded = [load_checkpoint(engine.ds, to_universal(folder, name) if universal else folder / name,
+                                  universal=universal) for name, engine in ds_engine.engines.items()]
+        # every engine holds the same client state
+        load_path, client_state = (str(folder), loaded[0][1]) if all(p for p, _ in loaded) else (None, {})
     else:
         source = to_universal(folder) if universal else folder
         load_path, client_state = load_checkpoint(ds_engine, source, universal=universal)

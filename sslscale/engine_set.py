@@ -8,9 +8,10 @@ precision, batch sizes, clipping) and the same data-parallel group. ZeRO 0-2 onl
 partition the parameters that the objective's losses call directly.
 
 ``EngineSet`` stands where the trainer and ``sslscale.checkpoint`` expect one engine (``ds``,
-``module``, ``device``, ``save_checkpoint`` / ``load_checkpoint``, ...). One checkpoint holds
-every engine: ``step-XXXXXXXX/<name>/`` is that network's DeepSpeed checkpoint (each with the
-client state), under the one completion marker. The objective's losses call the networks'
+``module``, ``device``, ``save_checkpoint``, ...). One checkpoint holds every engine:
+``step-XXXXXXXX/<name>/`` is that network's DeepSpeed checkpoint (each with the client state),
+under the one completion marker; ``sslscale.checkpoint.load`` loads each, on another world size
+through its own universal checkpoint (elastic resume). The objective's losses call the networks'
 modules directly (not through ``DeepSpeedEngine.forward``); ``only(name)`` makes only that
 network's parameters require gradients while it steps, so a loss that runs through another
 network (the generator's, through the discriminator) leaves that one's gradients (and ZeRO's
@@ -115,18 +116,6 @@ class EngineSet:
         for name, engine in self.engines.items():
             engine.ds.save_checkpoint(os.path.join(save_dir, tag), tag=name, client_state=client_state,
                                       save_latest=False)
-
-    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict]:
-        """Every engine from ``load_dir/tag/<name>/``; returns ``(path, client_state)`` of the
-        first, ``(None, {})`` if any is missing."""
-        result: tuple[str | None, dict] = (None, {})
-        for i, (name, engine) in enumerate(self.engines.items()):
-            path, client = engine.ds.load_checkpoint(os.path.join(load_dir, tag), tag=name)
-            if path is None:
-                return None, {}
-            if i == 0:
-                result = (os.path.join(load_dir, tag), client)
-        return result
 
 
 def build_engine_set(cfg, world_size: int, objective: nn.Module, precision: str,
