@@ -43,7 +43,8 @@ def _data_prepare_audio(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from sslscale.data.sources import TEXT_SOURCES, prepare
+    from sslscale.data.corpus import TEXT_SOURCES
+    from sslscale.data.sources import prepare
 
     if args.source in TEXT_SOURCES:
         return _data_prepare_text(args)

@@ -84,7 +84,7 @@ def labeled_text_shards(tmp_path_factory) -> dict[str, Path]:
     ``labeled_val``); ``docs``: the copied pages. Skips without python3.11-doc."""
     import shutil
 
-    from sslscale.data.sources import PYTHON_DOCS_DIR
+    from sslscale.data.corpus import PYTHON_DOCS_DIR
     from sslscale.data.text import prepare_text
 
     if not PYTHON_DOCS_DIR.is_dir():

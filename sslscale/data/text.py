@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from sslscale.data.shards import Manifest, ShardWriter
-from sslscale.data.sources import Document, TextCorpus, open_text_source
+from sslscale.data.corpus import Document, TextCorpus, open_text_source
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_DIR = "tokenizer"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from launcher.cli import main as cli
-from sslscale.data import sources
+from sslscale.data import corpus
 from sslscale.data.shards import ShardWriter, load_manifest, read_tar_samples
-from sslscale.data.sources import open_text_source
+from sslscale.data.corpus import open_text_source
 from sslscale.data.tar import sample_offsets
 from sslscale.data.text import decode_token_block, load_tokenizer, prepare_text, split_documents
 
@@ -172,7 +172,7 @@ def test_errors_name_the_input(tmp_path, capsys, monkeypatch):
         prepare_text("text", tmp_path / "o", inputs=[str(tmp_path / "bad.txt")])
     assert cli(["data", "prepare", "pydoc-topics", "--out", str(tmp_path / "o"), "--seq-len", "100000"]) == 2
     assert "val split of pydoc-topics" in capsys.readouterr().err
-    monkeypatch.setattr(sources, "PYTHON_DOCS_DIR", tmp_path / "missing")
+    monkeypatch.setattr(corpus, "PYTHON_DOCS_DIR", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
         prepare_text("text", tmp_path / "o")
 
@@ -236,12 +236,12 @@ def test_cli_prints_one_json_line_and_image_sources_still_work(tmp_path, capsys)
     assert image["num_samples"] == 6 and load_manifest(tmp_path / "i").modality == "image"
 
 
-@pytest.mark.skipif(not sources.PYTHON_DOCS_DIR.is_dir(), reason="Debian python3.11-doc not installed")
+@pytest.mark.skipif(not corpus.PYTHON_DOCS_DIR.is_dir(), reason="Debian python3.11-doc not installed")
 def test_python_docs_default_corpus(tmp_path):
     summary = prepare_text("text", tmp_path, vocab_size=2000, limit=60, seq_len=128, seed=1)
     manifest = load_manifest(tmp_path / "train")
     assert (manifest.source, manifest.license) == ("python3.11-doc", "PSF-2.0")
     assert summary["train"]["documents"] == 57 and summary["val"]["documents"] == 3
     assert summary["vocab_size"] == 2000
-    texts = {d.key: d.text for d in sources.text_corpus().documents[:60]}
+    texts = {d.key: d.text for d in corpus.text_corpus().documents[:60]}
     assert assert_round_trip(tmp_path / "train", texts, max_unk_docs=2) >= 50

@@ -4,7 +4,6 @@ held-out documents), and the BERT classifier that reads them."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from sslscale.config import load_config
 from sslscale.data.shards import load_manifest
-from sslscale.data.sources import Document
+from sslscale.data.corpus import Document
 from sslscale.data.stream import eval_batches
 from sslscale.data.text import LabeledTextDecoder, document_section, paragraphs, section_classes
 from sslscale.objectives import build_objective
