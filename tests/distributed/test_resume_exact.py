@@ -41,11 +41,14 @@ def losses(run_dir, key="train/loss"):
 def kill_and_resume(command_for, tmp_path) -> tuple[dict, dict, int]:
     """Losses of an uninterrupted run and of one SIGKILLed after its first checkpoint and resumed;
     and the step it resumed from. The uninterrupted run goes beside the other two (start-ups,
-    checkpoint writes and waits leave cores idle); no run's result depends on the others' timing."""
+    checkpoint writes and waits leave cores idle); no run's result depends on the others' timing.
+    It saves only at its end (an override after the command's), so saving every third step, as
+    the other run does, must not change a loss either."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     full_stderr = tmp_path / "full.stderr"
     with open(full_stderr, "w") as err:
-        uninterrupted = subprocess.Popen(command_for(full), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        uninterrupted = subprocess.Popen([*command_for(full), "checkpoint.every_steps=0"], cwd=ROOT,
+                                         stdout=subprocess.DEVNULL, stderr=err)
     try:
         saved = _kill_after_first_checkpoint_and_resume(command_for, cut)
         assert uninterrupted.wait(timeout=600) == 0, full_stderr.read_text()[-4000:]
