@@ -12,7 +12,10 @@ launcher decides what reaches it:
   ``PR_SET_PDEATHSIG``): they save and exit instead of training on, orphaned.
 
 Returns the first failing rank's code, else 130 / 75 if the ranks stopped on a signal, else 0
-(the codes of ``sslscale.exits``). No process of the run outlives it.
+(the codes of ``sslscale.exits``); but the code all ranks agreed on in ``RUN_DIR/exit.json``
+(``sslscale.exits.EXIT_FILE``) wins when this run wrote one, as in the Slurm job script: a rank
+that dies after it, in its teardown, does not turn a clean end into a failure. No process of
+the run outlives it.
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ class LocalRun:
     """The ranks of one ``sslscale launch``; :meth:`wait` returns the run's exit code."""
 
     def __init__(self, nproc: int, recipe: str, overrides: Sequence[str],
-                 master_port: int | None = None):
+                 master_port: int | None = None, run_dir: str | None = None):
         if nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {nproc}")
         if master_port is not None and not 1 <= master_port <= 65535:
             raise ValueError(f"--master-port must be in 1..65535, got {master_port}")
         port = str(master_port or free_port())
+        self.run_dir, self.started = run_dir, time.time()
         self.procs: list[subprocess.Popen] = []
         self._interrupts = 0
         # Not the caller's wandb-core session (WANDB_SERVICE, set by a wandb.init in the process
@@ -111,8 +115,14 @@ class LocalRun:
         for p in self.procs:
             p.wait()
             _kill_group(p)  # leftovers of its session (workers of a SIGKILLed rank)
-        codes = [p.returncode for p in self.procs]
-        return _run_code(codes)
+        code = _run_code([p.returncode for p in self.procs])
+        agreed = exits.agreed_code(self.run_dir, self.started) if self.run_dir else None
+        if agreed is not None and agreed != code:
+            print(f"sslscale launch: a rank ended with code {code} after all ranks had agreed to end "
+                  f"with {agreed} ({os.path.join(self.run_dir, exits.EXIT_FILE)}): the run's code is "
+                  f"{agreed}", file=sys.stderr)
+            return agreed
+        return code
 
 
 def _run_code(codes: list[int]) -> int:
@@ -141,8 +151,11 @@ def launch(nproc: int, recipe: str, overrides: Sequence[str], master_port: int |
 
     for s in handled:
         signal.signal(s, forward)
+    from sslscale.config import load_config
+
+    run_dir = load_config(recipe, overrides).run_dir
     try:
-        run = LocalRun(nproc, recipe, overrides, master_port=master_port)
+        run = LocalRun(nproc, recipe, overrides, master_port=master_port, run_dir=run_dir)
         return run.wait()
     finally:
         if run is not None:

@@ -43,8 +43,29 @@ PREEMPTED = 75
 STALLED = 124
 INTERRUPTED = 130
 
+# RUN_DIR/exit.json: the code all ranks agreed to exit with after a clean end (0 finished, 75 /
+# 130 saved after a signal), written by rank 0 before any rank exits and removed when a run
+# starts. `sslscale launch` and the Slurm job script (launcher/templates/train.sbatch) trust it
+# over the ranks' own codes: a rank that dies after it (in the process teardown, or ended by
+# the launcher once the others exited) cannot turn a clean end into a failure.
+EXIT_FILE = "exit.json"
+
 MEANING = {OK: "finished", CRASHED: "crashed", USAGE: "config or usage error", PREEMPTED: "preempted (saved)",
            STALLED: "stalled", INTERRUPTED: "interrupted (saved)"}
+
+
+def agreed_code(run_dir: str | os.PathLike, since: float) -> int | None:
+    """The code in ``run_dir``'s ``EXIT_FILE`` if it was written at or after ``since`` (a
+    ``time.time()``), else None (no file, an older one, or unreadable)."""
+    import json
+
+    path = Path(run_dir) / EXIT_FILE
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        return int(json.loads(path.read_text())["code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def kill_children() -> None:

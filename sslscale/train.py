@@ -7,6 +7,7 @@ torchrun, or by Slurm's srun; ``python -m sslscale.train CONFIG [key=value ...]`
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ from sslscale.config import load_config, save_config, to_dict
 from sslscale.config_schema import image_input
 from sslscale.data.shards import load_manifest_for
 from sslscale.dist import gathered
+from sslscale.exits import EXIT_FILE
 from sslscale.rng import seed_everything
 
 
@@ -95,10 +97,6 @@ def make_evaluator(cfg, engine, env, train_manifest):
     return evaluate
 
 
-# RUN_DIR/exit.json: the code all ranks agreed to exit with after a clean end (0 finished, 75 /
-# 130 saved after a signal), written by rank 0 before any rank exits; the Slurm job script
-# trusts it over srun's own code (see slurm/train.sbatch). Removed when a run starts.
-EXIT_FILE = "exit.json"
 
 
 def main(recipe: str, overrides: Sequence[str] = ()) -> int:
@@ -221,6 +219,8 @@ def _run(cfg, env, manifest, make_batches, stop) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank exits (srun ends the others) before rank 0 is done
         torch.distributed.destroy_process_group()
+    if os.environ.get(checkpoint.FAULT_ENV) == f"abort-at-exit:{env.rank}":  # tests: a teardown crash
+        os.abort()
     return state.stop_code
 
 

@@ -1,6 +1,7 @@
 """Fail fast, never hang (2 ranks through `sslscale launch`, 2 data-loader workers each, as users
 run): a strict-data error, a full disk during a save and a failed rollback end every rank with a
-non-zero code within 30 s and leave the last complete checkpoint intact; a SIGSTOPped rank is
+non-zero code within 30 s and leave the last complete checkpoint intact; a rank that dies after
+all agreed to finish does not fail the run; a SIGSTOPped rank is
 caught by the stall watchdog; SIGTERM / SIGINT to `sslscale launch` make every rank save and
 exit 75 / 130, and no process of the run remains."""
 
@@ -93,6 +94,17 @@ def test_strict_data_error_ends_every_rank(real_shards, tmp_path):
     assert len(lines) == 2 and "Traceback" not in out, out[-3000:]
     assert any("data.strict=true" in line and "shard-000002.tar" in line for line in lines), lines
     assert_intact(run_dir, "step-00000004")
+
+
+def test_a_rank_dying_in_its_teardown_after_the_agreed_end_does_not_fail_the_run(real_shards, tmp_path):
+    """Rank 1 aborts (SIGABRT, as a C++ destructor's std::terminate would) after all ranks agreed
+    to finish: `sslscale launch` reports it and exits with the agreed 0, as the Slurm script does."""
+    from sslscale.checkpoint import FAULT_ENV
+
+    run_dir = tmp_path / "run"
+    code, out, _ = finish(start(real_shards, run_dir, "train.max_steps=2", env={FAULT_ENV: "abort-at-exit:1"}))
+    assert code == 0, out[-3000:]
+    assert "a rank ended with code 134 after all ranks had agreed to end with 0" in out, out[-3000:]
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
