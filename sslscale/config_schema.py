@@ -264,9 +264,12 @@ class Wav2Vec2ModelConfig(ModelBase):
     receptive field, by default), the transformer (``ModelBase``'s sizes), the convolutional
     relative positions and the product quantizer (``num_codevector_groups`` G x
     ``num_codevectors_per_group`` V entries of ``codevector_dim / G``). ``feat_extract_norm:
-    layer`` with ``do_stable_layer_norm`` (the paper's LARGE arrangement) takes padded batches
-    with an attention mask; ``layerdrop`` is 0 (dropped layers would leave parameters without
-    gradients)."""
+    layer`` with ``do_stable_layer_norm`` (the paper's LARGE arrangement) normalizes every frame
+    of every conv layer on its own, so padding changes nothing; ``group`` without it (BASE) has
+    a GroupNorm over the time of the first conv layer (padded zeros count in its statistics)
+    that keeps each frame's energy: the small demo's contrastive loss falls below chance only
+    with it (``configs/demo/wav2vec2_tiny_ktuberling.yaml``). ``layerdrop`` is 0 (dropped
+    layers would leave parameters without gradients)."""
     name: str = "wav2vec2"
     conv_dim: list[int] = field(default_factory=lambda: [512] * 7)
     conv_kernel: list[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])

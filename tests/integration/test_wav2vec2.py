@@ -22,7 +22,8 @@ def test_wav2vec2_trains_evaluates_and_exports(audio_shards, tmp_path):
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if "train/loss" in r]
     assert {"train/contrastive_loss", "train/diversity_loss", "train/codebook_perplexity",
-            "train/gumbel_temperature", "train/masked_fraction", "train/contrastive_chance"} <= train[-1].keys()
+            "train/gumbel_temperature", "train/masked_fraction", "train/contrastive_chance",
+            "train/contrastive_accuracy"} <= train[-1].keys()
     assert train[-1]["train/codebook_perplexity"] > 1.0 and train[-1]["perf/model_tflops_per_device"] > 0
     assert train[-1]["train/gumbel_temperature"] < train[0]["train/gumbel_temperature"]
     assert "tokens_seen" not in train[-1]  # waveform samples are not tokens
