@@ -353,9 +353,11 @@ class GAN(nn.Module):
 
 class BiGAN(GAN):
     """``bigan`` (batches as ``gan``'s). ``discriminator_loss``: real pairs (x, E(x)) against
-    fake pairs (G(z), z), metrics as ``gan``'s; ``generator_loss`` (G and E together): the
+    fake pairs (G(z), z), metrics as ``gan``'s (the accuracies of the joint score; ``d_loss``
+    summed over the scores with ``unary_scores``); ``generator_loss`` (G and E together): the
     label-swapped non-saturating loss ``-log(1 - D(x, E(x))) - log D(G(z), z)``, metric
-    ``g_loss``. ``features``: E's pooled tokens ``(B, hidden_size)``."""
+    ``g_loss``, + ``reconstruction_weight`` x ``reconstruction_loss(G(E(x)), x)`` (metric
+    ``reconstruction_loss``). ``features``: E's pooled tokens ``(B, hidden_size)``."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
