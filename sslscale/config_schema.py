@@ -178,6 +178,8 @@ class BiGANConfig(GANConfig):
     generator against a discriminator on (x, E(x)) vs (G(z), z); E's ViT is exported."""
     name: str = "bigan"
     discriminator: str = "vit"  # vit | dcgan: the discriminator's image branch (a ViT, or DCGAN's strided convolutions)
+    unary_scores: bool = False  # BigBiGAN (Donahue & Simonyan 2019): D also scores x alone and z alone; the losses sum
+    reconstruction_weight: float = 0.0  # weight of ALICE's ||G(E(x)) - x||^2 (normalized pixels) in G and E's loss; 0: off
 
 
 @dataclass
@@ -435,7 +437,7 @@ _RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing
            "objective.gumbel_temperature_decay": (0.0, 1.0, True),
            "objective.d_steps_per_g": (1, 1 << 10, True), "objective.generator_width": (1, 1 << 14, True),
            "objective.d_lr": (0.0, 1e3, True), "objective.g_lr": (0.0, 1e3, True),
-           "objective.r1_gamma": (0.0, 1e6, True)}
+           "objective.r1_gamma": (0.0, 1e6, True), "objective.reconstruction_weight": (0.0, 1e6, True)}
 _PROBABILITIES = ["objective.mlm_probability", "objective.mask_replace_prob",
                   "objective.random_replace_prob", "objective.color_jitter_prob",
                   "objective.grayscale_prob"] + [f"objective.{k}[{i}]" for k in ("blur_prob", "solarize_prob")

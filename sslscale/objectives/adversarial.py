@@ -14,6 +14,12 @@
   MLP on both gives the logit. E's ``ViTModel`` is exported and its pooled tokens are the kNN
   features. G and E minimise the same (label-swapped, non-saturating) loss with one step, so
   they are one network here (``generator``: ``.generator`` and ``.encoder``) with one optimizer.
+  Two additions give E a signal of its own: ``objective.reconstruction_weight`` adds ALICE's
+  cycle consistency in image space, ``||G(E(x)) - x||^2`` on real images, to G and E's loss
+  (Li et al., "ALICE: Towards Understanding Adversarial Learning for Joint Distribution
+  Matching", NeurIPS 2017, arXiv 1709.01215); ``objective.unary_scores`` adds BigBiGAN's unary
+  scores of x alone and z alone beside the joint one, the three losses summed (Donahue &
+  Simonyan, "Large Scale Adversarial Representation Learning", NeurIPS 2019, arXiv 1907.02544).
 
 Optional R1 penalty (Mescheder, Geiger & Nowozin, "Which Training Methods for GANs do actually
 Converge?", ICML 2018, arXiv 1801.04406): ``objective.r1_gamma / 2 * E ||grad_x D(x)||^2`` on
@@ -71,6 +77,20 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """The non-saturating generator loss ``-log D(G(z))``, meaned over ``(B,)`` logits."""
     return F.softplus(-fake_logits).mean()
+
+
+def scores_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """``discriminator_loss`` of each column of scores ``(B, K)`` (BigBiGAN: the joint and the
+    two unary scores), summed over the K columns, as Donahue & Simonyan (2019, eq. 3) sum them."""
+    return sum(discriminator_loss(real_scores[:, k], fake_scores[:, k]) for k in range(real_scores.shape[1]))
+
+
+def reconstruction_loss(reconstructed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """ALICE's cycle consistency in image space (Li et al., "ALICE: Towards Understanding
+    Adversarial Learning for Joint Distribution Matching", NeurIPS 2017, arXiv 1709.01215,
+    section 3.2): the mean squared error of ``G(E(x))`` against ``x``, both normalized images
+    ``(B, C, S, S)`` (units of the data's std), fp32 scalar; it trains E and G."""
+    return F.mse_loss(reconstructed.float(), real.float())
 
 
 def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
@@ -183,8 +203,11 @@ class ConvImages(nn.Module):
 class JointDiscriminator(nn.Module):
     """``bigan``'s discriminator on pairs: images ``(B, C, S, S)`` through a ViT (or, with
     ``objective.discriminator: dcgan``, DCGAN's convolutional trunk), latents ``(B,
-    latent_dim)`` through a linear layer, both (LeakyReLU 0.2) into a 2-layer MLP -> logits
-    ``(B,)`` fp32. ``ValueError`` for another ``objective.discriminator``."""
+    latent_dim)`` through a linear layer, both (LeakyReLU 0.2) into a 2-layer MLP -> the joint
+    score. Returns fp32 scores ``(B, 1)``, or with ``objective.unary_scores`` ``(B, 3)``: the
+    joint score s_xz, then BigBiGAN's unary scores s_x (a linear layer on the image features)
+    and s_z (a linear layer on the latent features; Donahue & Simonyan 2019, section 2).
+    ``ValueError`` for another ``objective.discriminator``."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -195,11 +218,16 @@ class JointDiscriminator(nn.Module):
             ConvImages(cfg.model.num_channels, width, cfg.model.image_size)
         self.latents = nn.Linear(cfg.objective.latent_dim, width)
         self.joint = nn.Sequential(nn.Linear(2 * width, width), nn.LeakyReLU(0.2), nn.Linear(width, 1))
+        self.unary = nn.ModuleList([nn.Linear(width, 1), nn.Linear(width, 1)]) \
+            if cfg.objective.get("unary_scores", False) else None
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = self.images(x)
+        h = F.leaky_relu(self.images(x), 0.2)
         hz = F.leaky_relu(self.latents(z.to(h.dtype)), 0.2)
-        return self.joint(torch.cat([F.leaky_relu(h, 0.2), hz], dim=1)).squeeze(1).float()
+        scores = [self.joint(torch.cat([h, hz], dim=1))]
+        if self.unary is not None:
+            scores += [self.unary[0](h), self.unary[1](hz)]
+        return torch.cat(scores, dim=1).float()
 
 
 class Encoder(PooledViT):
@@ -325,13 +353,16 @@ class GAN(nn.Module):
 
 class BiGAN(GAN):
     """``bigan`` (batches as ``gan``'s). ``discriminator_loss``: real pairs (x, E(x)) against
-    fake pairs (G(z), z), metrics as ``gan``'s; ``generator_loss`` (G and E together): the
+    fake pairs (G(z), z), metrics as ``gan``'s (the accuracies of the joint score; ``d_loss``
+    summed over the scores with ``unary_scores``); ``generator_loss`` (G and E together): the
     label-swapped non-saturating loss ``-log(1 - D(x, E(x))) - log D(G(z), z)``, metric
-    ``g_loss``. ``features``: E's pooled tokens ``(B, hidden_size)``."""
+    ``g_loss``, + ``reconstruction_weight`` x ``reconstruction_loss(G(E(x)), x)`` (metric
+    ``reconstruction_loss``). ``features``: E's pooled tokens ``(B, hidden_size)``."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.generator = GeneratorEncoder(self.generator, Encoder(cfg))
+        self.reconstruction_weight = cfg.objective.get("reconstruction_weight", 0.0)
 
     def _build_discriminator(self, cfg) -> nn.Module:
         return JointDiscriminator(cfg)
@@ -345,19 +376,23 @@ class BiGAN(GAN):
         z = self._latents(seeds, D_LATENT)
         with torch.no_grad():
             encoded, fake = self.generator.encoder(real), self._fake(z, seeds)
-        real_logits, fake_logits = self.discriminator(real, encoded), self.discriminator(fake, z)
-        loss = discriminator_loss(real_logits, fake_logits)
-        metrics = {"d_loss": loss.detach(), **accuracies(real_logits, fake_logits)}
-        return ObjectiveOutput(loss=self._r1(loss, metrics, real_logits, real), metrics=metrics)
+        real_scores, fake_scores = self.discriminator(real, encoded), self.discriminator(fake, z)
+        loss = scores_loss(real_scores, fake_scores)
+        metrics = {"d_loss": loss.detach(), **accuracies(real_scores[:, 0], fake_scores[:, 0])}
+        return ObjectiveOutput(loss=self._r1(loss, metrics, real_scores.sum(dim=1), real), metrics=metrics)
 
     def generator_loss(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         seeds = self._seeds(batch)
         real = self._real(batch, seeds)
         z = self._latents(seeds, G_LATENT)
-        real_logits = self.discriminator(real, self.generator.encoder(real))
-        fake_logits = self.discriminator(self._fake(z, seeds), z)
-        loss = discriminator_loss(fake_logits, real_logits)  # the labels swapped
-        return ObjectiveOutput(loss=loss, metrics={"g_loss": loss.detach()})
+        real_scores = self.discriminator(real, self.generator.encoder(real))
+        loss = scores_loss(self.discriminator(self._fake(z, seeds), z), real_scores)  # the labels swapped
+        metrics = {"g_loss": loss.detach()}
+        if self.reconstruction_weight:
+            reconstruction = reconstruction_loss(self._generate(self.generator.encoder(real)), real)
+            metrics["reconstruction_loss"] = reconstruction.detach()
+            loss = loss + self.reconstruction_weight * reconstruction
+        return ObjectiveOutput(loss=loss, metrics=metrics)
 
     def encoder(self) -> nn.Module:
         return self.generator.encoder.backbone

@@ -112,7 +112,7 @@ OTHER_OBJECTIVES = {  # the keys each needs beyond the MAE demo recipe's model
     # data position), DiffAugment's crops of the generated images; latents from the sample seeds
     "gan": ["objective.latent_dim=8", "objective.generator_width=8", "objective.d_steps_per_g=2",
             "objective.diff_augment=true", "objective.d_lr=0.002"],
-    "bigan": ["objective.latent_dim=8", "objective.generator_width=8"],
+    "bigan": ["objective.latent_dim=8", "objective.generator_width=8", "objective.reconstruction_weight=1.0"],
     # four networks in two engines; two unpaired domains, each from its own streams (positions)
     "cyclegan": ["objective.generator_width=4", "objective.generator_blocks=1", "objective.image_every_steps=10"],
 }

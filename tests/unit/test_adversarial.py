@@ -150,3 +150,47 @@ def test_bigan_with_a_convolutional_discriminator():
     assert objective.features(batch()).shape == (4, 32)
     with pytest.raises(ValueError, match="objective.discriminator"):
         BiGAN(cfg("bigan", discriminator="mlp"))
+
+
+def test_bigan_unary_scores_give_the_encoder_its_own_signal():
+    from sslscale.objectives.adversarial import scores_loss
+
+    real, fake = torch.tensor([[2.0, 0.5], [-1.0, 1.0]]), torch.tensor([[0.5, 0.0], [-3.0, 2.0]])
+    want = discriminator_loss(real[:, 0], fake[:, 0]) + discriminator_loss(real[:, 1], fake[:, 1])
+    assert scores_loss(real, fake).item() == pytest.approx(want.item(), rel=1e-6)
+    torch.manual_seed(0)
+    objective = BiGAN(cfg("bigan", unary_scores=True))
+    z = torch.randn(4, 8)
+    assert objective.discriminator(objective._generate(z), z).shape == (4, 3)  # s_xz, s_x, s_z
+    out = objective.discriminator_loss(batch())
+    assert _reached(objective, out.loss) == {"discriminator"}
+    # the joint score silenced, E still learns: through s_z of (x, E(x)) (BigBiGAN's unary term)
+    for net in (BiGAN(cfg("bigan")), objective):
+        torch.nn.init.zeros_(net.discriminator.joint[-1].weight)
+        net.zero_grad(set_to_none=True)
+        net.generator_loss(batch()).loss.backward()
+        grad = net.generator.encoder.to_latent.weight.grad
+        reached = grad is not None and grad.abs().sum() > 0
+        assert reached == (net is objective)
+
+
+def test_bigan_reconstruction_trains_the_encoder_on_real_images():
+    from sslscale.objectives.adversarial import reconstruction_loss
+
+    x = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]]])
+    assert reconstruction_loss(x + torch.tensor([[[[1.0, 0.0], [0.0, 3.0]]]]), x).item() == pytest.approx(2.5)
+    torch.manual_seed(0)
+    plain = BiGAN(cfg("bigan"))
+    torch.manual_seed(0)
+    objective = BiGAN(cfg("bigan", reconstruction_weight=3.0))
+    a, b = plain.generator_loss(batch()), objective.generator_loss(batch())
+    reconstruction = b.metrics["reconstruction_loss"]
+    assert reconstruction > 0 and "reconstruction_loss" not in a.metrics
+    assert b.loss.item() == pytest.approx(a.loss.item() + 3.0 * reconstruction.item(), rel=1e-5)
+    assert b.metrics["g_loss"].item() == pytest.approx(a.loss.item(), rel=1e-6)  # the adversarial part
+    # G(E(x)) against x: without the discriminator E and G still learn
+    torch.nn.init.zeros_(objective.discriminator.joint[-1].weight)
+    objective.zero_grad(set_to_none=True)
+    objective.generator_loss(batch()).loss.backward()
+    assert objective.generator.encoder.to_latent.weight.grad.abs().sum() > 0
+    assert objective.generator.generator.project.weight.grad.abs().sum() > 0
