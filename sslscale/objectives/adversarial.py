@@ -385,11 +385,12 @@ class BiGAN(GAN):
         seeds = self._seeds(batch)
         real = self._real(batch, seeds)
         z = self._latents(seeds, G_LATENT)
-        real_scores = self.discriminator(real, self.generator.encoder(real))
+        encoded = self.generator.encoder(real)
+        real_scores = self.discriminator(real, encoded)
         loss = scores_loss(self.discriminator(self._fake(z, seeds), z), real_scores)  # the labels swapped
         metrics = {"g_loss": loss.detach()}
         if self.reconstruction_weight:
-            reconstruction = reconstruction_loss(self._generate(self.generator.encoder(real)), real)
+            reconstruction = reconstruction_loss(self._generate(encoded), real)
             metrics["reconstruction_loss"] = reconstruction.detach()
             loss = loss + self.reconstruction_weight * reconstruction
         return ObjectiveOutput(loss=loss, metrics=metrics)
