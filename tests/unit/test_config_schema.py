@@ -140,8 +140,9 @@ def test_a_run_config_reloads_for_fine_tuning(tmp_path):
     tuned = load_config(tmp_path / "config.yaml", overrides)
     assert tuned.objective.name == "classify" and tuned.model.name == "vit"
     assert set(tuned.objective) == _fields(OBJECTIVE_SCHEMAS["classify"])
-    assert tuned.objective.pooling == "mean" and tuned.objective.crop_scale == [0.8, 1.0]  # RECIPES["image"]
+    assert tuned.objective.pooling == "mean" and tuned.objective.crop_scale == [0.9, 1.0]  # RECIPES["image"]
     assert tuned.optim.lr == 2e-3 and tuned.optim.layer_decay == 0.9  # not the run's 1e-3 / 1.0
+    assert tuned.objective.label_smoothing == 0.0  # not the objective's default 0.1
     assert to_dict(tuned)["model"] == to_dict(run)["model"]
     # a key of another objective set on the command line is still an error
     assert "belongs to objective moco_v3 / simclr, not classify" in _error(
