@@ -145,6 +145,10 @@ def _save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[s
 
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
+    # A save moves no random generator (building the encoder's architecture to check its export
+    # draws from torch's, e.g. Wav2Vec2Model's): the run goes on, and a resume starts, from the
+    # states the save found, so saving more or less often never changes a loss.
+    rng = rng_state()
     ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     encoder_state, error = gather_encoder_state(ds_engine, ds_engine.module), None
     if encoder_state is not None:
@@ -155,7 +159,8 @@ def _save(ds_engine, run_dir: str | os.PathLike, step: int, client_state: dict[s
     fail_together(error, f"exporting the encoder of {tag}")
     rank, world_size = rank_and_world()
     frozen = {n: p.ds_tensor.detach().cpu().clone() for n, p in _frozen_zero3(ds_engine.module).items()}
-    torch.save({"rng": rng_state(), "frozen": frozen}, rank_file(root / tag, rank))
+    set_rng_state(rng)
+    torch.save({"rng": rng, "frozen": frozen}, rank_file(root / tag, rank))
     if os.environ.get(FAULT_ENV) == f"kill-before-marker:{step}":  # tests: a kill mid-save
         os.kill(os.getpid(), signal.SIGKILL)
     _barrier()

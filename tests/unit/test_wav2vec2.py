@@ -255,17 +255,14 @@ def test_codevector_init_sets_how_alike_the_targets_start(audio_shards, init):
         w2v_config(audio_shards, "objective.codevector_init=normal")
 
 
-def codebook_perplexities(cfg, steps: int) -> list[float]:
-    """``train/codebook_perplexity`` of each of the first ``steps`` optimizer steps of ``cfg`` on
-    one rank (the trainer's AdamW, lr schedule and grad clipping; one micro-batch per step)."""
-    manifest = load_manifest(cfg.data.train_shards)
-    stream = TrainStream(manifest, rank=0, world_size=1, num_workers=1, batch_size=cfg.train.micro_batch_size,
-                         decode=decoder_for(cfg, manifest), seed=0, shuffle_buffer=64, num_streams=4)
+def train_steps(cfg, batches) -> list[dict[str, float]]:
+    """The objective's metrics at each optimizer step of ``cfg`` over ``batches`` on one rank
+    (the trainer's AdamW, lr schedule and grad clipping; one micro-batch per step)."""
     torch.manual_seed(0)
     objective = build_objective(cfg)
     optimizer = build_optimizer(objective, cfg)
-    out = []
-    for step, batch in enumerate(itertools.islice(iter(stream), steps)):
+    metrics = []
+    for step, batch in enumerate(batches):
         apply_schedules(optimizer, step, cfg)
         objective.on_step_start(step, cfg.train.max_steps)
         result = objective(batch)
@@ -273,8 +270,16 @@ def codebook_perplexities(cfg, steps: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        out.append(result.metrics["codebook_perplexity"].item())
-    return out
+        metrics.append({k: v.item() for k, v in result.metrics.items()})
+    return metrics
+
+
+def codebook_perplexities(cfg, steps: int) -> list[float]:
+    """``train/codebook_perplexity`` of each of the first ``steps`` optimizer steps of ``cfg``."""
+    manifest = load_manifest(cfg.data.train_shards)
+    stream = TrainStream(manifest, rank=0, world_size=1, num_workers=1, batch_size=cfg.train.micro_batch_size,
+                         decode=decoder_for(cfg, manifest), seed=0, shuffle_buffer=64, num_streams=4)
+    return [m["codebook_perplexity"] for m in train_steps(cfg, itertools.islice(iter(stream), steps))]
 
 
 LAYER_NORMS = ["model.feat_extract_norm=layer", "model.do_stable_layer_norm=true"]  # the LARGE arrangement
@@ -332,19 +337,7 @@ def test_contrastive_loss_falls_when_overfitting_one_batch(audio_shards):
     cfg = w2v_config(audio_shards, *NO_DROPOUT)
     manifest = load_manifest(cfg.data.train_shards)
     batch = next(eval_batches(manifest, rank=0, world_size=1, batch_size=8, decode=decoder_for(cfg, manifest)))
-    torch.manual_seed(0)
-    objective = build_objective(cfg)
-    optimizer = build_optimizer(objective, cfg)
-    metrics = []
-    for step in range(40):
-        apply_schedules(optimizer, step, cfg)
-        objective.on_step_start(step, cfg.train.max_steps)
-        result = objective(batch)
-        result.loss.backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics.append({k: v.item() for k, v in result.metrics.items()})
+    metrics = train_steps(cfg, [batch] * 40)
     first, last = metrics[0], metrics[-1]
     assert first["contrastive_accuracy"] < 0.25 and first["contrastive_loss"] > first["contrastive_chance"]
     assert last["contrastive_loss"] < 0.6 * last["contrastive_chance"] and last["contrastive_accuracy"] > 0.5
