@@ -104,6 +104,7 @@ class ClassifyConfig(_ImageViews):
     pooling: str = "cls"  # cls | mean (MAE's fine-tuning: mean behind a LayerNorm)
     num_classes: int = 0  # 0: from the training shards' manifest (meta.classes)
     label_smoothing: float = 0.1
+    drop_path_rate: float = 0.0  # stochastic depth of the deepest block (MAE fine-tunes ViT-B with 0.1)
 
 
 @dataclass
@@ -424,6 +425,7 @@ def select_schemas(recipe: dict, dotted: dict, source: str) -> tuple[str, str]:
 
 # key -> (low, high, whether high is allowed) for the objectives' fractions and probabilities
 _RANGES = {"objective.mask_ratio": (0.0, 1.0, False), "objective.label_smoothing": (0.0, 1.0, False),
+           "objective.drop_path_rate": (0.0, 1.0, False),
            "objective.momentum": (0.0, 1.0, True), "objective.rotations_per_image": (1, 4, True),
            "objective.noise_level": (0.0, 1.0, True), "objective.latent_dim": (1, 1 << 20, True),
            "objective.beta": (0.0, 1e6, True), "objective.mask_time_prob": (0.0, 1.0, True),

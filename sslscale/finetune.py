@@ -6,7 +6,7 @@ Both runs are ordinary ``sslscale train`` runs (``sslscale.objectives.classify``
 local ranks as asked, with the same data order, steps and recipe (the pretraining run's ``model``
 and ``data`` sections; AdamW, warm-up a tenth of the steps then cosine; images: MAE's fine-tuning
 settings scaled to a few epochs of a small ViT: lr ``2e-3``, ``optim.layer_decay`` 0.9, weight
-decay 0.05, no label smoothing, mean pooling behind a LayerNorm, crops of >= 90% and flips;
+decay 0.05, no label smoothing, no drop path, mean pooling behind a LayerNorm, crops of >= 90% and flips;
 text: BERT's / ELECTRA's, lr ``2e-4``, layer decay 0.8, weight decay 0.01, no label smoothing,
 the ``[CLS]`` token) in ``RUN_DIR/finetune/`` and
 ``RUN_DIR/finetune-scratch/``; they resume like any run when interrupted.

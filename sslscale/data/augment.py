@@ -36,6 +36,7 @@ _M63 = (1 << 63) - 1
 CROP, FLIP, JITTER, GRAY, BLUR, SOLARIZE, MASK = 1, 2, 3, 4, 5, 6, 7
 ROTATE, NOISE, LATENT = 8, 9, 10  # RotNet's rotations, the DAE's corruption, the VAE's epsilon
 GUMBEL = 11  # wav2vec 2.0's Gumbel noise of the quantizer
+DROP_PATH = 12  # fine-tuning's stochastic depth (sslscale.objectives.classify.DropPath)
 
 
 def _splitmix64(x: int) -> int:

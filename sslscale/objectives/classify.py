@@ -6,11 +6,11 @@ pretraining checkpoint of sslscale, MAE or contrastive; its heads and decoder ar
 plus a new linear head on the pooled representation (``objective.pooling``: ``mean`` of the patch
 tokens behind a LayerNorm, MAE's choice, or the ``cls`` token), trained end to end on the shards'
 labels with label-smoothed cross-entropy (``objective.label_smoothing``), random resized crop +
-flip, warmup + cosine, and layer-wise learning-rate decay (``optim.layer_decay``: block ``i`` of
-``L`` gets ``layer_decay ** (L + 1 - i)`` of the learning rate, the embeddings ``layer_decay **
-(L + 1)``, the head 1; ``sslscale.engine.param_groups``). Without ``train.init_from`` it is the
-from-scratch baseline of the same architecture and budget. Not applied: drop path (transformers'
-ViT has no stochastic depth), RandAugment, mixup / cutmix.
+flip, drop path (``objective.drop_path_rate``: ``DropPath``), warmup + cosine, and layer-wise
+learning-rate decay (``optim.layer_decay``: block ``i`` of ``L`` gets ``layer_decay ** (L + 1 -
+i)`` of the learning rate, the embeddings ``layer_decay ** (L + 1)``, the head 1;
+``sslscale.engine.param_groups``). Without ``train.init_from`` it is the from-scratch baseline of
+the same architecture and budget. Not applied: RandAugment, mixup / cutmix.
 
 Text (the training shards' manifest has ``modality: text``, from ``sslscale data prepare text
 --labels``): the encoder is a ``BertModel`` (BERT's fine-tuning, Devlin et al. 2019, section 4:
@@ -25,13 +25,15 @@ objective.num_classes)`` (``-1``: no label, ignored), ``sample_seeds`` ``(B,)`` 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from transformers import BertModel, ViTModel
 
 from sslscale.config_schema import ClassifyConfig
-from sslscale.data.augment import ViewAugment, ViewConfig
+from sslscale.data.augment import DROP_PATH, ViewAugment, ViewConfig, random_seeds, uniform
 from sslscale.objectives.base import ObjectiveOutput
 from sslscale.objectives.contrastive import vit_config
 from sslscale.objectives.mlm import bert_config, mean_over_tokens
@@ -43,6 +45,52 @@ _BLOCK = re.compile(r"backbone\.(?:encoder\.layer|layers)\.(\d+)\.")
 # Where each pretraining objective keeps its encoder in its state dict, by modality.
 ENCODER_PREFIXES = {"image": {"model.vit.": "mae", "backbone.": "simclr / moco_v3 / simsiam / classify"},
                     "text": {"model.bert.": "mlm", "backbone.": "classify"}}
+# The last linear layer of an encoder block's two residual branches (attention, MLP):
+# transformers 5's ViT (``layers.N``), BERT (``encoder.layer.N``).
+_BRANCH_ENDS = (("attention.o_proj", "mlp.fc2"), ("attention.output.dense", "output.dense"))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on an encoder's residual branches (Huang et al. 2016, arXiv 1603.09382),
+    as DeiT and MAE fine-tune a ViT (timm's ``DropPath``): inside ``sampled(seeds)``, block ``i``
+    of ``L`` drops each of its two branches (attention, MLP) of each sample with probability
+    ``drop_path_rate * i / (L - 1)`` and scales the kept ones by ``1 / (1 - that)``. A forward
+    hook scales the output ``(B, tokens, hidden)`` of the branch's last linear layer
+    (``_BRANCH_ENDS``) per sample; the dropout and residual add after it are transformers' own.
+    The draws are a pure function of the samples' seeds (tag ``DROP_PATH``), so elastic resume
+    stays exact. Raises ``ValueError`` for blocks without a known branch end."""
+
+    def __init__(self, blocks: Sequence[nn.Module], drop_path_rate: float):
+        super().__init__()
+        depth = len(blocks)
+        rates = torch.tensor([drop_path_rate * i / max(1, depth - 1) for i in range(depth)])
+        self.register_buffer("rates", rates.repeat_interleave(2), persistent=False)  # (2 L,)
+        self.scales: torch.Tensor | None = None  # (B, 2 L) inside sampled()
+        for i, block in enumerate(blocks):
+            modules = dict(block.named_modules())
+            ends = next((e for e in _BRANCH_ENDS if all(name in modules for name in e)), None)
+            if ends is None:
+                raise ValueError(f"drop path: encoder block {i} ({type(block).__name__}) has none "
+                                 f"of the branch ends {_BRANCH_ENDS}")
+            for j, name in enumerate(ends):
+                modules[name].register_forward_hook(self._hook(2 * i + j))
+
+    def _hook(self, column: int):
+        def scale(module, inputs, output):
+            if self.scales is None:
+                return None
+            return output * self.scales[:, column, None, None].to(output.dtype)
+        return scale
+
+    @contextmanager
+    def sampled(self, seeds: torch.Tensor) -> Iterator[None]:
+        """Drop branches for the samples of ``seeds`` ``(B,)`` int64 in forwards inside."""
+        keep = uniform(seeds.to(self.rates.device), len(self.rates), DROP_PATH) >= self.rates
+        self.scales = keep.float() / (1 - self.rates)
+        try:
+            yield
+        finally:
+            self.scales = None
 
 
 def train_modality(cfg) -> str:
@@ -85,22 +133,33 @@ class ClassifyObjective(nn.Module):
             self.transform = ViewAugment(cfg.model.image_size, cfg.data.mean, cfg.data.std, [view])
         self.label_smoothing = cfg.objective.label_smoothing
         self.num_layers = cfg.model.num_hidden_layers
+        self.drop_path = None
+        if cfg.objective.drop_path_rate > 0:
+            blocks = self.backbone.encoder.layer if modality == "text" else self.backbone.layers
+            self.drop_path = DropPath(blocks, cfg.objective.drop_path_rate)
 
-    def _pooled(self, batch: dict[str, torch.Tensor], augment: bool = False) -> torch.Tensor:
-        """The pooled representation ``(B, hidden_size)`` of a batch (images augmented when
-        ``augment``, with the batch's ``sample_seeds``)."""
-        if self.modality == "text":
-            mask = batch.get("attention_mask")
-            hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-            return hidden[:, 0] if self.pooling == "cls" else mean_over_tokens(hidden, mask).to(hidden.dtype)
-        x = self.transform(batch["pixel_values"], batch.get("sample_seeds"), augment=augment)
-        dtype = self.backbone.embeddings.patch_embeddings.projection.weight.dtype
-        hidden = self.backbone(pixel_values=x.to(dtype)).last_hidden_state
-        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
+    def _pooled(self, batch: dict[str, torch.Tensor], train: bool = False) -> torch.Tensor:
+        """The pooled representation ``(B, hidden_size)`` of a batch (when ``train``: images
+        augmented and branches dropped, with the batch's ``sample_seeds``)."""
+        seeds = batch.get("sample_seeds")
+        if train and self.drop_path is not None:
+            inputs = batch["input_ids" if self.modality == "text" else "pixel_values"]
+            dropping = self.drop_path.sampled(random_seeds(len(inputs), inputs.device) if seeds is None else seeds)
+        else:
+            dropping = nullcontext()
+        with dropping:
+            if self.modality == "text":
+                mask = batch.get("attention_mask")
+                hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+                return hidden[:, 0] if self.pooling == "cls" else mean_over_tokens(hidden, mask).to(hidden.dtype)
+            x = self.transform(batch["pixel_values"], seeds, augment=train)
+            dtype = self.backbone.embeddings.patch_embeddings.projection.weight.dtype
+            hidden = self.backbone(pixel_values=x.to(dtype)).last_hidden_state
+            return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         labels = batch["labels"]
-        logits = self.head(self.fc_norm(self._pooled(batch, augment=self.training)))
+        logits = self.head(self.fc_norm(self._pooled(batch, train=self.training)))
         loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=-1,
                                            label_smoothing=self.label_smoothing)
         labeled = (labels >= 0).sum().clamp(min=1)

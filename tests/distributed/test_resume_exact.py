@@ -1,7 +1,7 @@
 """Bitwise resume (CPU, fp32): a run killed with SIGKILL after a checkpoint and resumed with
 resume=auto logs exactly the same train/loss for every later step as an uninterrupted run, for
 ZeRO 1, 2 and 3 on 1 and 2 ranks (MAE), and on 2 ranks for MoCo v3 (momentum encoder, ZeRO-3),
-MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels,
+MLM (masks made in the workers, dropout), CLM (GPT-2, dropout), fine-tuning (classify: labels, drop path,
 layer-wise lr decay), RotNet, the denoising autoencoder, the VAE, wav2vec 2.0 (real speech:
 masks, distractors and Gumbel noise from the sample seeds, dropout) and the GAN and BiGAN (two
 DeepSpeed engines in one checkpoint, alternating optimizer steps) and the CycleGAN (four networks
@@ -102,7 +102,8 @@ def test_kill_and_resume_is_bitwise(real_shards, tmp_path, nproc, stage):
 OTHER_OBJECTIVES = {  # the keys each needs beyond the MAE demo recipe's model
     "moco_v3": ["objective.projection_hidden_dim=64", "objective.projection_dim=16",
                 "objective.predictor_hidden_dim=32"],
-    "classify": ["optim.layer_decay=0.75", "objective.pooling=mean"],  # labels, smoothing, lr decay
+    "classify": ["optim.layer_decay=0.75", "objective.pooling=mean",  # labels, smoothing, lr decay,
+                 "objective.drop_path_rate=0.2"],  # drop path from the sample seeds
     "rotnet": ["objective.rotations_per_image=2"],  # rotations drawn from the sample seeds
     "dae": ["objective.noise=gaussian"],  # per-pixel noise from the sample seeds
     "vae": ["objective.latent_dim=8"],  # the reparameterization's epsilon from the sample seeds

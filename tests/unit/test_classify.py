@@ -111,3 +111,60 @@ def test_held_out_top1_is_the_heads(real_shards):
     want = (objective.logits(b).argmax(1) == b["labels"]).float().mean().item()
     majority = torch.bincount(b["labels"]).max().item() / 64
     assert result == {"top1": pytest.approx(want), "num_test": 64, "majority_top1": majority}
+
+
+TEXT = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+        "model.intermediate_size=64", "model.max_position_embeddings=64", "model.name=bert",
+        "model.vocab_size=100", "objective.name=classify", "objective.num_classes=3", "objective.pooling=mean"]
+
+
+def _blocks(objective):
+    return objective.backbone.encoder.layer if objective.modality == "text" else objective.backbone.layers
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_drop_path_drops_or_scales_whole_residual_branches_per_sample(modality):
+    from sslscale.objectives.classify import _BRANCH_ENDS
+
+    def build(*extra):
+        return build_objective(load_config(None, [*TEXT, *extra]) if modality == "text" else config(*extra)).eval()
+
+    torch.manual_seed(0)
+    rate = 0.5  # two blocks: block 0 keeps its branches, block 1 drops each with probability 0.5
+    objective = build(f"objective.drop_path_rate={rate}")
+    g = torch.Generator().manual_seed(0)
+    b = (batch(32) if modality == "image" else
+         {"input_ids": torch.randint(0, 100, (32, 16), generator=g), "attention_mask": torch.ones(32, 16, dtype=torch.long),
+          "labels": torch.arange(32) % 3, "sample_seeds": torch.arange(32)})
+    with objective.drop_path.sampled(b["sample_seeds"]):
+        kept = objective.drop_path.scales[:, 2:] > 0  # block 1's attention and MLP branches
+    assert objective.drop_path.scales is None  # only inside sampled()
+    got = objective._pooled(b, train=True)  # eval mode (no dropout); train: augmented, dropped
+    for factor, rows in ((0.0, ~kept.any(1)), (1 / (1 - rate), kept.all(1))):
+        reference = build()  # no drop path: the branch ends' outputs scaled by hand instead
+        reference.load_state_dict(objective.state_dict())
+        modules = dict(_blocks(reference)[1].named_modules())
+        with torch.no_grad():
+            for name in next(e for e in _BRANCH_ENDS if e[0] in modules):
+                modules[name].weight.mul_(factor)
+                modules[name].bias.mul_(factor)
+        assert rows.any()
+        torch.testing.assert_close(got[rows], reference._pooled(b, train=True)[rows])
+    # outside training nothing is dropped; the draws are the seeds'
+    reference = build()
+    reference.load_state_dict(objective.state_dict())
+    assert torch.equal(objective.features(b), reference.features(b))
+    assert torch.equal(objective._pooled(b, train=True), got)
+
+
+def test_drop_path_rates_grow_with_depth_and_keep_the_expectation():
+    objective = build_objective(config("objective.drop_path_rate=0.3", "model.num_hidden_layers=4"))
+    rates = objective.drop_path.rates  # timm's linspace(0, rate, depth), two branches a block
+    torch.testing.assert_close(rates, torch.tensor([0.0, 0.1, 0.2, 0.3]).repeat_interleave(2))
+    with objective.drop_path.sampled(torch.arange(40_000)):
+        scales = objective.drop_path.scales.clone()
+    torch.testing.assert_close((scales == 0).float().mean(0), rates, atol=0.01, rtol=0)
+    torch.testing.assert_close(scales.mean(0), torch.ones(8), atol=0.01, rtol=0)  # unbiased
+    assert build_objective(config()).drop_path is None  # the default: off
+    with pytest.raises(ConfigError, match="objective.drop_path_rate"):
+        config("objective.drop_path_rate=1")
