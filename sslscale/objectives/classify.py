@@ -133,26 +133,31 @@ class ClassifyObjective(nn.Module):
             self.transform = ViewAugment(cfg.model.image_size, cfg.data.mean, cfg.data.std, [view])
         self.label_smoothing = cfg.objective.label_smoothing
         self.num_layers = cfg.model.num_hidden_layers
-        self.drop_path = None
-        if cfg.objective.drop_path_rate > 0:
-            blocks = self.backbone.encoder.layer if modality == "text" else self.backbone.layers
-            self.drop_path = DropPath(blocks, cfg.objective.drop_path_rate)
+        rate = cfg.objective.drop_path_rate
+        self.drop_path = DropPath(self.blocks(), rate) if rate > 0 else None
+
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's transformer blocks, input side first."""
+        return self.backbone.encoder.layer if self.modality == "text" else self.backbone.layers
+
+    def _dropping(self, batch: dict[str, torch.Tensor], train: bool):
+        """``DropPath.sampled`` for the batch's ``sample_seeds`` (or seeds drawn from torch's RNG)
+        when ``train`` and drop path is on; else a context that does nothing."""
+        if not train or self.drop_path is None:
+            return nullcontext()
+        seeds = batch.get("sample_seeds")
+        inputs = batch["input_ids" if self.modality == "text" else "pixel_values"]
+        return self.drop_path.sampled(random_seeds(len(inputs), inputs.device) if seeds is None else seeds)
 
     def _pooled(self, batch: dict[str, torch.Tensor], train: bool = False) -> torch.Tensor:
         """The pooled representation ``(B, hidden_size)`` of a batch (when ``train``: images
         augmented and branches dropped, with the batch's ``sample_seeds``)."""
-        seeds = batch.get("sample_seeds")
-        if train and self.drop_path is not None:
-            inputs = batch["input_ids" if self.modality == "text" else "pixel_values"]
-            dropping = self.drop_path.sampled(random_seeds(len(inputs), inputs.device) if seeds is None else seeds)
-        else:
-            dropping = nullcontext()
-        with dropping:
+        with self._dropping(batch, train):
             if self.modality == "text":
                 mask = batch.get("attention_mask")
                 hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
                 return hidden[:, 0] if self.pooling == "cls" else mean_over_tokens(hidden, mask).to(hidden.dtype)
-            x = self.transform(batch["pixel_values"], seeds, augment=train)
+            x = self.transform(batch["pixel_values"], batch.get("sample_seeds"), augment=train)
             dtype = self.backbone.embeddings.patch_embeddings.projection.weight.dtype
             hidden = self.backbone(pixel_values=x.to(dtype)).last_hidden_state
             return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)

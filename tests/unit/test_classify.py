@@ -118,10 +118,6 @@ TEXT = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attentio
         "model.vocab_size=100", "objective.name=classify", "objective.num_classes=3", "objective.pooling=mean"]
 
 
-def _blocks(objective):
-    return objective.backbone.encoder.layer if objective.modality == "text" else objective.backbone.layers
-
-
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_drop_path_drops_or_scales_whole_residual_branches_per_sample(modality):
     from sslscale.objectives.classify import _BRANCH_ENDS
@@ -143,7 +139,7 @@ def test_drop_path_drops_or_scales_whole_residual_branches_per_sample(modality):
     for factor, rows in ((0.0, ~kept.any(1)), (1 / (1 - rate), kept.all(1))):
         reference = build()  # no drop path: the branch ends' outputs scaled by hand instead
         reference.load_state_dict(objective.state_dict())
-        modules = dict(_blocks(reference)[1].named_modules())
+        modules = dict(reference.blocks()[1].named_modules())
         with torch.no_grad():
             for name in next(e for e in _BRANCH_ENDS if e[0] in modules):
                 modules[name].weight.mul_(factor)
