@@ -121,7 +121,7 @@ demo: $(DEMO_DATA)/.ready
 	print(f\"kNN top-1 (k={r['k']}, {r['num_test']} test images): trained {r['knn_top1']:.4f} vs random init {r['random_init_knn_top1']:.4f}\")"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs $(DEMO_DATA) $(TEXT_DATA) $(TEXT_LABELED) $(AUDIO_DATA) .pytest_cache

@@ -14,8 +14,9 @@ def _data_prepare_text(args: argparse.Namespace) -> int:
     try:
         summary = prepare_text(args.source, args.out, inputs=args.input, vocab_size=args.vocab_size,
                                tokenizer=args.tokenizer, seq_len=args.seq_len,
-                               val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
-                               seed=args.seed, limit=args.limit, labels=args.labels)
+                               val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
+                               samples_per_shard=args.samples_per_shard, seed=args.seed, limit=args.limit,
+                               labels=args.labels)
     except ValueError as e:  # a bad flag, an undecodable file, a split too small for one block
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -33,8 +34,10 @@ def _data_prepare_audio(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = prepare_audio(args.out, inputs=args.input, max_seconds=args.max_seconds,
-                                val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
-                                seed=args.seed, limit=args.limit)
+                                val_fraction=(0.0 if args.val_input else 0.05) if args.val_fraction is None
+                                else args.val_fraction, samples_per_shard=args.samples_per_shard,
+                                seed=args.seed, limit=args.limit, labels=args.labels or "folder",
+                                val_inputs=args.val_input)
     except (ValueError, FileNotFoundError) as e:  # a bad flag, a missing input, an undecodable file
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,10 +49,17 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from sslscale.data.corpus import TEXT_SOURCES
     from sslscale.data.sources import prepare
 
+    if args.val_input and args.source != "audio":
+        print(f"error: --val-input is for audio, not {args.source}", file=sys.stderr)
+        return 2
     if args.source in TEXT_SOURCES:
         return _data_prepare_text(args)
     if args.source == "audio":
         return _data_prepare_audio(args)
+    if args.labels:
+        print(f"error: --labels is for text and audio; {args.source} labels come from the source "
+              "(image-folder: its class sub-folders)", file=sys.stderr)
+        return 2
     if args.input and len(args.input) > 1:
         print(f"error: {args.source} takes one --input folder, got {len(args.input)}", file=sys.stderr)
         return 2
@@ -140,14 +150,19 @@ def add_data_commands(sub) -> None:
     prep.add_argument("--vocab-size", type=int, default=8192, help="text: WordPiece vocabulary size")
     prep.add_argument("--tokenizer", help="text: reuse this Hugging Face tokenizer folder instead of training one")
     prep.add_argument("--seq-len", type=int, default=128, help="text: tokens per block, [CLS] and [SEP] included")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="text: documents held out for val; "
-                      "audio: files of each class held out for val")
+    prep.add_argument("--val-fraction", type=float, help="text: documents held out for val; "
+                      "audio: files of each class held out for val (default 0.05; 0 with --val-input)")
+    prep.add_argument("--val-input", nargs="+", help="audio: folders written whole as val instead of a "
+                      "--val-fraction split, e.g. another speaker's recordings of the same prompts")
     prep.add_argument("--seed", type=int, default=0, help="text, audio: seed of the split and the sample order")
     prep.add_argument("--max-seconds", type=float, help="audio: cut longer files into consecutive clips of "
                       "this many seconds (default: whole files)")
-    prep.add_argument("--labels", choices=["section"], help="text: labeled paragraphs instead of MLM blocks, "
-                      "labeled by their document's top-level folder (fine-tuning, linear probe); same "
-                      "document split as without it; pass --tokenizer OUT_OF_THE_MLM_DATA/train/tokenizer")
+    prep.add_argument("--labels", choices=["section", "folder", "path"], help="text (section): labeled "
+                      "paragraphs instead of MLM blocks, labeled by their document's top-level folder "
+                      "(fine-tuning, linear probe); same document split as without it; pass --tokenizer "
+                      "OUT_OF_THE_MLM_DATA/train/tokenizer. audio: the class is each file's first folder "
+                      "under its input (folder, the default) or its whole path there without the suffix "
+                      "(path: digits/7.wav -> digits/7)")
     prep.set_defaults(func=_data_prepare)
     plan = data.add_parser("plan", help="print the stream plan for a world size and worker count")
     plan.add_argument("manifest", help="manifest.json or the folder holding it")

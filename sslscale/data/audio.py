@@ -4,11 +4,16 @@ Owns ``sslscale data prepare audio --input DIR ...``: every ``.wav`` / ``.flac``
 under the inputs (searched recursively, sorted) is decoded with ``soundfile`` (libsndfile),
 averaged to mono, resampled to ``sampling_rate`` (16 kHz, wav2vec 2.0's rate) with a windowed-sinc
 filter (:func:`resample`), cut into consecutive crops of at most ``--max-seconds`` (none by
-default: whole clips) and stored as 16-bit FLAC. Labels come from the file layout: the first
-folder under its input (``sounds/en/ball.ogg`` -> language ``en``) is the class, stored as
-``cls`` (its index in ``meta.classes``, sorted names; files directly in an input have none); the
-file's stem is its ``word`` (in the sample's ``.json``: per-sample data stays out of the manifest,
-which costs O(shards)). Each class is split into train / val by a seeded shuffle (``--val-fraction``).
+default: whole clips) and stored as 16-bit FLAC. Labels come from the file layout
+(``--labels``): ``folder`` (the default) makes the first folder under its input the class
+(``sounds/en/ball.ogg`` -> language ``en``; files directly in an input have none); ``path`` makes
+the file's path under its input, suffix dropped, the class (``it_IT_m_Carlo/digits/7.wav`` ->
+``digits/7``): what is said, for prompt sets that several speakers recorded under the same names.
+The class is stored as ``cls`` (its index in ``meta.classes``, sorted names over both splits);
+the file's stem is its ``word`` (in the sample's ``.json``: per-sample data stays out of the
+manifest, which costs O(shards)). Each class is split into train / val by a seeded shuffle
+(``--val-fraction``; with ``path`` labels all files form one group), or ``--val-input`` names the
+folders held out whole as val (other speakers: a content probe across speakers).
 
 Layout written to ``OUT``::
 
@@ -47,7 +52,12 @@ MIN_TRAIN_SHARDS = 16
 # Debian packages of real recordings: install folder -> (manifest source, license of the sounds,
 # from /usr/share/doc/PACKAGE/copyright)
 KNOWN_SOURCES = {"/usr/share/ktuberling/sounds": ("ktuberling-data", "GPL-2+"),
-                 "/usr/share/pocketsphinx/test/data": ("pocketsphinx-testdata", "BSD-2-Clause")}
+                 "/usr/share/pocketsphinx/test/data": ("pocketsphinx-testdata", "BSD-2-Clause"),
+                 "/usr/share/asterisk/sounds/it_IT_m_Carlo": ("asterisk-core-sounds-it-wav", "CC-BY-3.0"),
+                 "/usr/share/asterisk/sounds/it_IT_f_Menardi": ("asterisk-prompt-it-menardi-wav",
+                                                                "CC-BY-SA-3.0-IT (credit the speakers, "
+                                                                "Marco and Alessandra Menardi)")}
+LABELS = ("folder", "path")  # --labels: the class is the first folder under the input / the whole path
 SINC_ZEROS = 16  # windowed-sinc half width, in zero crossings of the low-pass filter
 KAISER_BETA = 8.6  # ~ -80 dB stop band
 ROLLOFF = 0.945  # cutoff as a fraction of the lower Nyquist frequency
@@ -109,11 +119,12 @@ def encode_flac(x: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> bytes:
     return buf.getvalue()
 
 
-def audio_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str | None]]:
+def audio_files(inputs: Sequence[str | os.PathLike], labels: str = "folder") -> list[tuple[Path, str | None]]:
     """``(file, class)`` of every audio file (``AUDIO_SUFFIXES``) under ``inputs`` (folders,
-    searched recursively, or files), sorted per input; the class is the first folder below its
-    input (None directly in it or for a named file). ``FileNotFoundError`` names a missing input,
-    ``ValueError`` says when none holds an audio file."""
+    searched recursively, or files), sorted per input. The class (``labels``): ``folder``, the
+    first folder below its input (None directly in it or for a named file); ``path``, the path
+    below its input without the suffix, ``/``-separated (a named file: its stem).
+    ``FileNotFoundError`` names a missing input, ``ValueError`` says when none holds an audio file."""
     found: list[tuple[Path, str | None]] = []
     for item in inputs:
         root = Path(item)
@@ -123,7 +134,10 @@ def audio_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str | N
                                                      if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
         for path in files:
             parts = path.relative_to(root).parts if path != root else ()
-            found.append((path, parts[0] if len(parts) > 1 else None))
+            if labels == "path":
+                found.append((path, "/".join((*parts[:-1], path.stem))))
+            else:
+                found.append((path, parts[0] if len(parts) > 1 else None))
     if not found:
         raise ValueError(f"--input {' '.join(map(str, inputs))}: no {'/'.join(AUDIO_SUFFIXES)} files")
     return found
@@ -152,12 +166,13 @@ def crops(x: np.ndarray, max_samples: int | None, min_samples: int) -> list[tupl
     return [p for p in pieces if len(p[1]) >= min_samples] or pieces[:1]
 
 
-def _split(files: list[tuple[Path, str | None]], val_fraction: float, seed: int):
-    """Per class (unlabeled files as one group): a seeded shuffle, ``round(val_fraction * n)``
-    files to val. Returns ``(train, val)`` lists in input order."""
+def _split(files: list[tuple[Path, str | None]], val_fraction: float, seed: int, per_class: bool = True):
+    """Per class (unlabeled files as one group; all files as one without ``per_class``): a
+    seeded shuffle, ``round(val_fraction * n)`` files to val. Returns ``(train, val)`` lists in
+    input order."""
     groups: dict[str | None, list[int]] = {}
     for i, (_, cls) in enumerate(files):
-        groups.setdefault(cls, []).append(i)
+        groups.setdefault(cls if per_class else None, []).append(i)
     val: set[int] = set()
     for cls, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         random.Random(f"sslscale-audio-split:{seed}:{cls}").shuffle(members)
@@ -165,8 +180,9 @@ def _split(files: list[tuple[Path, str | None]], val_fraction: float, seed: int)
     return ([f for i, f in enumerate(files) if i not in val], [f for i, f in enumerate(files) if i in val])
 
 
-def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], roots: list[str], sampling_rate: int, max_seconds: float | None,
-                      samples_per_shard: int | None, seed: int) -> Manifest:
+def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], roots: list[str], labels: str,
+                      sampling_rate: int, max_seconds: float | None, samples_per_shard: int | None,
+                      seed: int) -> Manifest:
     """Decode, crop and shard ``files`` (``(path, class)``) into ``out_dir`` in a seeded random
     order; ``ValueError`` names an undecodable file."""
     max_samples = int(round(max_seconds * sampling_rate)) if max_seconds else None
@@ -193,7 +209,7 @@ def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], r
         counts = [per_class[c] for c in classes]
         meta = {"split": split, "sampling_rate": sampling_rate, "audio_format": "flac",
                 "max_seconds": max_seconds, "num_seconds": round(sum(lengths) / sampling_rate, 2),
-                "min_num_samples": min(lengths), "max_num_samples": max(lengths), "labels": "folder",
+                "min_num_samples": min(lengths), "max_num_samples": max(lengths), "labels": labels,
                 "classes": classes, "class_counts": counts, "inputs": roots}
         source, license = source_of(roots)
         return writer.close(source=source, license=license, meta=meta, modality="audio")
@@ -201,34 +217,53 @@ def write_audio_split(out_dir: Path, split: str, files, *, classes: list[str], r
 
 def prepare_audio(out_dir: str | os.PathLike, *, inputs: Sequence[str], max_seconds: float | None = None,
                   val_fraction: float = 0.1, samples_per_shard: int | None = None, seed: int = 0,
-                  limit: int | None = None, sampling_rate: int = SAMPLING_RATE) -> dict[str, Any]:
+                  limit: int | None = None, sampling_rate: int = SAMPLING_RATE, labels: str = "folder",
+                  val_inputs: Sequence[str] | None = None) -> dict[str, Any]:
     """Write the audio files under ``inputs`` as ``out_dir/train`` and ``out_dir/val`` shards
-    (see the module docstring; ``val`` is skipped when ``val_fraction`` is 0). ``limit``: the
-    first N files of a seeded shuffle (quick tests; every class keeps its share). Returns the
-    summary the CLI prints (per split: samples, shards, seconds of audio; ``seconds``: wall
-    time). Raises ``FileNotFoundError`` / ``ValueError`` naming a missing input, a bad flag or
-    an undecodable file."""
+    (see the module docstring; ``val`` is skipped when ``val_fraction`` is 0). ``labels``:
+    ``folder`` or ``path`` (``LABELS``); ``val_inputs``: folders written whole as ``val``
+    instead of the ``val_fraction`` split (which must then be 0). ``limit``: the first N files
+    of a seeded shuffle of each split's inputs (quick tests; every class keeps its share).
+    Returns the summary the CLI prints (per split: samples, shards, seconds of audio;
+    ``seconds``: wall time). Raises ``FileNotFoundError`` / ``ValueError`` naming a missing
+    input, a bad flag or an undecodable file."""
     start = time.perf_counter()
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_inputs and val_fraction:
+        raise ValueError(f"--val-input holds out whole folders as val: leave --val-fraction out "
+                         f"(got {val_fraction})")
+    if labels not in LABELS:
+        raise ValueError(f"--labels for audio must be one of {', '.join(LABELS)}, got {labels!r}")
     if max_seconds is not None and max_seconds <= MIN_CROP_SECONDS:
         raise ValueError(f"--max-seconds must be > {MIN_CROP_SECONDS}, got {max_seconds}")
     if samples_per_shard is not None and samples_per_shard <= 0:
         raise ValueError(f"--samples-per-shard must be > 0, got {samples_per_shard}")
-    files = audio_files(inputs)
-    if limit:
-        keep = sorted(random.Random(f"sslscale-audio-limit:{seed}").sample(range(len(files)), min(limit, len(files))))
-        files = [files[i] for i in keep]
-    classes = sorted({c for _, c in files if c is not None})
-    train, val = _split(files, val_fraction, seed)
+
+    def found(folders: Sequence[str]) -> list[tuple[Path, str | None]]:
+        files = audio_files(folders, labels)
+        if limit:
+            keep = sorted(random.Random(f"sslscale-audio-limit:{seed}").sample(range(len(files)), min(limit, len(files))))
+            files = [files[i] for i in keep]
+        return files
+
+    files = found(inputs)
+    if val_inputs:
+        train, val = files, found(val_inputs)
+    else:
+        train, val = _split(files, val_fraction, seed, per_class=labels == "folder")
+    classes = sorted({c for _, c in train + val if c is not None})
     if not train:
         raise ValueError(f"--val-fraction {val_fraction} leaves no training file of {len(files)}")
     splits = {"train": train, "val": val} if val else {"train": train}
-    common = dict(classes=classes, roots=[str(i) for i in inputs], sampling_rate=sampling_rate,
-                  max_seconds=max_seconds, samples_per_shard=samples_per_shard, seed=seed)
-    manifests = {s: write_audio_split(Path(out_dir) / s, s, f, **common) for s, f in splits.items()}
+    roots = {"train": inputs, "val": val_inputs or inputs}
+    common = dict(classes=classes, labels=labels, sampling_rate=sampling_rate, max_seconds=max_seconds,
+                  samples_per_shard=samples_per_shard, seed=seed)
+    manifests = {s: write_audio_split(Path(out_dir) / s, s, f, roots=[str(i) for i in roots[s]], **common)
+                 for s, f in splits.items()}
     per_split = {s: {"out": m.root, "files": len(splits[s]), "samples": m.num_samples, "shards": len(m.shards),
-                     "audio_seconds": m.meta["num_seconds"]} for s, m in manifests.items()}
+                     "audio_seconds": m.meta["num_seconds"], "source": m.source, "license": m.license}
+                 for s, m in manifests.items()}
     return {"out": str(out_dir), "source": manifests["train"].source, "license": manifests["train"].license,
             "classes": classes, "sampling_rate": sampling_rate,
             "num_samples": sum(m.num_samples for m in manifests.values()), **per_split,

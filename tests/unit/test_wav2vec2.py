@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from launcher.cli import main as cli
 from sslscale import flops
 from sslscale.config import ConfigError, load_config
 from sslscale.data.audio import AudioDecoder, decode_audio, prepare_audio, resample
@@ -77,6 +78,46 @@ def test_prepare_audio_names_bad_inputs(tmp_path):
         prepare_audio(tmp_path / "out", inputs=[str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="sample 7 from x.tar has no audio"):
         decode_audio({"__key__": "7", "__url__": "x.tar", "txt": b"hello"})
+
+
+def test_prepare_audio_path_labels_hold_out_another_speaker(tmp_path, capsys):
+    """``--labels path --val-input``: the class is what is said (the path under the speaker's
+    folder), on one class list for both splits; the held-out speaker is val, whole."""
+    import soundfile
+
+    said = {"carlo": ["digits/1", "digits/2", "letters/a", "hello"], "menardi": ["digits/1", "letters/a", "bye"]}
+    for speaker, names in said.items():
+        for j, name in enumerate(names):
+            path = tmp_path / speaker / f"{name}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t = np.arange(4000) / 8000  # 0.5 s at 8 kHz, as telephone prompts are recorded
+            soundfile.write(path, 0.3 * np.sin(2 * np.pi * (200 + 100 * j) * t), 8000, subtype="PCM_16")
+    assert cli(["data", "prepare", "audio", "--input", str(tmp_path / "carlo"), "--labels", "path",
+                "--val-input", str(tmp_path / "menardi"), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    classes = ["bye", "digits/1", "digits/2", "hello", "letters/a"]
+    assert summary["classes"] == classes and summary["train"]["samples"] == 4 and summary["val"]["samples"] == 3
+    for split, speaker in (("train", "carlo"), ("val", "menardi")):
+        manifest = load_manifest(tmp_path / "out" / split)
+        assert manifest.meta["labels"] == "path" and manifest.meta["classes"] == classes
+        assert manifest.meta["inputs"] == [str(tmp_path / speaker)]
+        samples = [s for i in range(len(manifest.shards)) for s in _open_at(manifest, i, 0)]
+        got = {json.loads(s["json"])["path"]: classes[int(s["cls"])] for s in samples}
+        assert got == {str(tmp_path / speaker / f"{name}.wav"): name for name in said[speaker]}
+        assert len(decode_audio(samples[0])) == 8000  # resampled to 16 kHz
+    # --labels path without --val-input: files are split as one group (each class may have one file)
+    split = prepare_audio(tmp_path / "out2", inputs=[str(tmp_path / "carlo")], labels="path", val_fraction=0.25)
+    assert (split["train"]["samples"], split["val"]["samples"]) == (3, 1)
+    assert cli(["data", "prepare", "audio", "--input", str(tmp_path / "carlo"), "--val-fraction", "0.2",
+                "--val-input", str(tmp_path / "menardi"), "--out", str(tmp_path / "out3")]) == 2
+    assert "--val-input holds out whole folders as val: leave --val-fraction out" in capsys.readouterr().err
+    assert cli(["data", "prepare", "mnist5k", "--labels", "path", "--out", str(tmp_path / "out4")]) == 2
+    assert "--labels is for text and audio; mnist5k labels come from the source" in capsys.readouterr().err
+    assert cli(["data", "prepare", "pydoc-topics", "--val-input", str(tmp_path), "--out", str(tmp_path / "out4")]) == 2
+    assert "--val-input is for audio, not pydoc-topics" in capsys.readouterr().err
+    assert not (tmp_path / "out4").exists()
+    with pytest.raises(ValueError, match="--labels for audio must be one of folder, path, got 'section'"):
+        prepare_audio(tmp_path / "out3", inputs=[str(tmp_path / "carlo")], labels="section")
 
 
 def test_span_mask_and_distractors_follow_the_paper():
