@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from launcher.cli_util import RUN_DIR_HELP, one_line_errors, result_on_stdout
 
@@ -21,14 +20,7 @@ def _eval_knn(args: argparse.Namespace, out) -> int:
                           test_shards=args.test_shards, baseline=args.baseline,
                           max_train_samples=args.max_train_samples,
                           max_test_samples=args.max_test_samples, k=args.k)
-    line = json.dumps(result)
-    if args.baseline:  # kept in the run (the model card quotes it)
-        from sslscale.checkpoint import tag_for
-
-        kept = Path(args.run_dir) / "eval" / f"knn-vs-random-init-{tag_for(result['step'])}.json"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_text(line + "\n")
-    print(line, file=out)
+    print(json.dumps(result), file=out)  # with --baseline also kept in the run (the model card quotes it)
     return 0
 
 

@@ -14,7 +14,9 @@ training bar owns the terminal, and the trainer reports the time an evaluation t
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -238,6 +240,22 @@ def labeled_manifests(cfg, train_shards: str | None, test_shards: str | None) ->
     return manifests
 
 
+def results_dir(run_dir: str, cfg, train_shards: str | None, test_shards: str | None) -> Path:
+    """Where an evaluation on ``train_shards`` / ``test_shards`` (None: the run's own) keeps its
+    result: ``RUN_DIR/eval``, which the model card quotes, for the run's own labeled shards
+    (``eval.train_shards`` / ``eval.test_shards``, or any where the config names none); for
+    other shards ``RUN_DIR/eval/shards-<hash of both>/``, so that a probe on other data never
+    replaces the card's numbers (the result's JSON names its shards)."""
+    import hashlib
+
+    own = all(given is None or configured is None or str(given) == str(configured)
+              for given, configured in ((train_shards, cfg.eval.train_shards), (test_shards, cfg.eval.test_shards)))
+    folder = Path(run_dir) / "eval"
+    if own:
+        return folder
+    return folder / f"shards-{hashlib.sha1(f'{train_shards}|{test_shards}'.encode()).hexdigest()[:8]}"
+
+
 def _check_shards(manifest: Manifest, key: str, modality: str) -> None:
     """``ValueError`` if ``manifest`` (given as ``key``) holds another modality than ``modality``."""
     if manifest.modality != modality:
@@ -257,8 +275,6 @@ def _load_run(run_dir: str, step: int | None, kind: str | None = None,
     ``eval mlm`` for the other language model, ``eval knn`` / ``eval linear`` otherwise);
     ``models`` (fine-tuning: ``vit`` / ``bert``), when given, must hold the run's ``model.name``,
     else the same ``ValueError``."""
-    from pathlib import Path
-
     from sslscale import checkpoint
     from sslscale.config import load_config
 
@@ -305,14 +321,15 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
                  k: int | None = None) -> dict[str, Any]:
     """kNN top-1 of a run's encoder at ``step`` (default: latest complete checkpoint), in one
     process on CPU or the first GPU, on labeled images, or labeled text for MLM runs
-    (``labeled_manifests``). Shards and sample limits default to the run's ``eval`` config. With ``baseline``, also scores the same architecture at its random init (seeded
-    like the run) as ``random_init_knn_top1``. Raises ``FileNotFoundError`` for a run dir
+    (``labeled_manifests``). Shards and sample limits default to the run's ``eval`` config. With
+    ``baseline``, also scores the same architecture at its random init (seeded like the run) as
+    ``random_init_knn_top1``, and keeps the result as ``knn-vs-random-init-<step>.json`` in
+    ``results_dir`` (the model card quotes it). Raises ``FileNotFoundError`` for a run dir
     without config or checkpoint, ``ConfigError`` for missing eval shards, ``ValueError`` for
     shards of another modality than the run's.
     """
     from sslscale import checkpoint
     from sslscale.objectives import build_objective
-    from sslscale.data.shards import load_manifest_for
     from sslscale.rng import seed_everything
 
     cfg, folder = _load_run(run_dir, step)
@@ -332,6 +349,10 @@ def evaluate_run(run_dir: str, *, step: int | None = None, train_shards: str | N
     objective.load_state_dict(checkpoint.load_module_state(folder))
     result.update(knn_eval(objective.to(device), bank, queries, **common, progress=f"step {result['step']}"))
     result.update(train_shards=bank.root, test_shards=queries.root)
+    if baseline:
+        kept = results_dir(run_dir, cfg, train_shards, test_shards) / f"knn-vs-random-init-{folder.name}.json"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(result) + "\n")
     return result
 
 

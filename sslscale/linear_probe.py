@@ -152,14 +152,15 @@ def probe_run(run_dir: str, *, step: int | None = None, train_shards: str | None
     --labels`` shards) at ``step`` (default: the latest complete
     checkpoint) on labeled shards (default: the run's ``eval.train_shards`` /
     ``eval.test_shards`` and sample limits), in one process on CPU or the first GPU. Features
-    are cached in ``RUN_DIR/eval/linear-features-<step>.safetensors``. With ``baseline``, also
+    are cached in ``linear-features-<step>.safetensors`` of ``results_dir`` (``RUN_DIR/eval``
+    for the run's own shards, a sub-folder for others). With ``baseline``, also
     probes the same architecture at its random init (seeded like the run):
     ``random_init_linear_top1``. The result (see ``train_linear_probe``, plus ``step``, shards
-    and ``protocol``) is also written to ``RUN_DIR/eval/linear-<step>.json``. Raises
+    and ``protocol``) is also written there as ``linear-<step>.json``. Raises
     ``FileNotFoundError`` (no run or checkpoint), ``ConfigError`` (no eval shards),
     ``ValueError`` (shards of another modality than the run's, unlabeled shards)."""
     from sslscale import checkpoint
-    from sslscale.evaluate import _device, _load_run, labeled_manifests
+    from sslscale.evaluate import _device, _load_run, labeled_manifests, results_dir
     from sslscale.objectives import build_objective
     from sslscale.rng import seed_everything
 
@@ -178,7 +179,7 @@ def probe_run(run_dir: str, *, step: int | None = None, train_shards: str | None
         features = features_of(objective.to(device), train, test, **common, progress="random init")
         result["random_init_linear_top1"] = train_linear_probe(**features, **settings)["linear_top1"]
     objective.load_state_dict(checkpoint.load_module_state(folder))
-    eval_dir = Path(run_dir) / "eval"
+    eval_dir = results_dir(run_dir, cfg, train_shards, test_shards)
     tag = checkpoint.tag_for(step_done)
     key = {"checkpoint": folder.name, "train_shards": str(train.root), "test_shards": str(test.root),
            **limits}

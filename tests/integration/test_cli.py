@@ -58,6 +58,8 @@ def test_train_kill_resume_and_eval(real_shards, tmp_path):
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert result["step"] == saved + 4 and result["num_test"] == 64
     assert 0.0 <= result["knn_top1"] <= 1.0 and 0.0 <= result["random_init_knn_top1"] <= 1.0
+    kept = run_dir / "eval" / f"knn-vs-random-init-step-{saved + 4:08d}.json"
+    assert json.loads(kept.read_text()) == result  # the model card quotes it
 
     # Resuming this ZeRO-0 run with another ZeRO stage is refused up front, naming both (another
     # world size is fine: tests/distributed/test_elastic.py).

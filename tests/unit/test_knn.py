@@ -29,3 +29,23 @@ def test_separable_clusters_score_one_and_shuffled_labels_do_not():
     fte = centers[yte] + torch.randn(50, 16, generator=g) * 0.1
     assert knn_top1(ftr, ytr, fte, yte, k=20) == 1.0
     assert knn_top1(ftr, ytr[torch.randperm(200, generator=g)], fte, yte, k=20) < 0.6
+
+
+def test_results_on_other_shards_never_replace_what_the_model_card_quotes(tmp_path):
+    """``results_dir``: the run's own eval shards (or any, where the config names none) keep
+    results in RUN_DIR/eval; other shards in a sub-folder per pair of shards, which the card's
+    ``eval/*.json`` does not read."""
+    from types import SimpleNamespace
+
+    from sslscale.evaluate import results_dir
+
+    cfg = SimpleNamespace(eval=SimpleNamespace(train_shards="data/demo/train", test_shards="data/demo/test"))
+    own = tmp_path / "eval"
+    assert results_dir(str(tmp_path), cfg, None, None) == own
+    assert results_dir(str(tmp_path), cfg, "data/demo/train", "data/demo/test") == own
+    other = results_dir(str(tmp_path), cfg, "data/asterisk/train", "data/asterisk/val")
+    assert other.parent == own and other.name.startswith("shards-")
+    assert results_dir(str(tmp_path), cfg, None, "data/asterisk/val") not in (own, other)
+    assert results_dir(str(tmp_path), cfg, "data/asterisk/train", "data/asterisk/val") == other  # stable
+    unset = SimpleNamespace(eval=SimpleNamespace(train_shards=None, test_shards=None))
+    assert results_dir(str(tmp_path), unset, "data/asterisk/train", "data/asterisk/val") == own
